@@ -1,0 +1,1 @@
+//! Copy-on-write block store over a read-only template image.

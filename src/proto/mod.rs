@@ -1,0 +1,1 @@
+//! The wire protocol shared by the host and the guest agent.

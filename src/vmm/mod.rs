@@ -1,0 +1,4 @@
+//! The in-process VMM. It knows nothing about sandboxes.
+
+pub mod devices;
+pub mod memory;
