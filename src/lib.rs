@@ -1,7 +1,38 @@
 //! dormouse: secure, pausable code sandboxes as a library.
+//!
+//! A [`Runtime`] owns a state directory; [`Runtime::create`] boots a KVM
+//! microVM from a template (a guest kernel and a root filesystem with the
+//! dormouse agent as PID 1) in this process, and returns a
+//! [`Sandbox<Running>`](Sandbox) whose [`commands`](Sandbox::commands) run in
+//! the guest. Each sandbox writes to its own copy-on-write overlay of the
+//! template's disk image.
+//!
+//! ```no_run
+//! use dormouse::{Runtime, SandboxConfig};
+//!
+//! # async fn demo() -> dormouse::Result<()> {
+//! let rt = Runtime::open("/tmp/dormouse-state").await?;
+//! let sbx = rt.create("python", SandboxConfig::default()).await?;
+//! let out = sbx.commands().run("python3 -c 'print(6*7)'").await?;
+//! assert_eq!(out.stdout, "42\n");
+//! sbx.kill().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The VMM ([`vmm`]) is independent of the sandbox concept; the guest agent
+//! protocol ([`proto`], [`agent`]) is independent of KVM.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod agent;
 pub mod disk;
+// mod error; (enabled with the sandbox layer)
 pub mod proto;
+// mod runtime;
+// mod sandbox;
+// pub mod template;
 pub mod vmm;
+
+// pub use error::{ConsoleTail, Error, Result};
+// pub use runtime::{default_cache_dir, Runtime, RuntimeBuilder};
+// pub use sandbox::{Command, CommandOutput, Commands, Running, Sandbox, SandboxConfig, SandboxId};
+pub use vmm::cpu::HostKind;

@@ -1,4 +1,15 @@
-//! The in-process VMM. It knows nothing about sandboxes.
+//! The in-process VMM: a KVM microVM with serial console and virtio-mmio
+//! devices, booted directly from an ELF kernel. It knows nothing about
+//! sandboxes; callers hand it virtio devices and a kernel command line.
 
+pub mod boot;
+pub mod cpu;
 pub mod devices;
+pub mod layout;
 pub mod memory;
+pub mod mptable;
+// pub mod vcpu;
+pub mod vm;
+
+// pub mod machine;
+// pub use machine::{Machine, MachineConfig, MachineError};

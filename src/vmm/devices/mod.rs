@@ -1,3 +1,5 @@
-//! Emulated devices.
+//! Emulated devices and the bus that routes vCPU exits to them.
 
+// pub mod bus; (enabled once the MMIO transport lands)
+pub mod serial;
 pub mod virtio;

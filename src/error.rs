@@ -1,0 +1,146 @@
+//! The crate's error type: every variant says what went wrong and what to do.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::vmm::vcpu::GuestStop;
+
+/// The last lines of a guest's serial console, attached to errors about a
+/// guest that failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsoleTail(pub Vec<String>);
+
+impl fmt::Display for ConsoleTail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return write!(f, "(the guest printed nothing on its console)");
+        }
+        writeln!(f, "last lines of the guest console:")?;
+        for line in &self.0 {
+            writeln!(f, "  | {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the dormouse API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No sandbox with this id exists (never did, or it was killed).
+    #[error("sandbox {id} not found: it does not exist or was killed")]
+    NotFound {
+        /// The id asked for.
+        id: String,
+    },
+    /// No template of that name in any template directory.
+    #[error("template {name:?} not found (looked in {searched:?}); build it with guest/build.sh or set DORMOUSE_TEMPLATE_PATH")]
+    TemplateNotFound {
+        /// The name asked for.
+        name: String,
+        /// The directories searched.
+        searched: Vec<PathBuf>,
+    },
+    /// A template's manifest is unreadable or invalid.
+    #[error("invalid template manifest {path}: {reason}; rebuild the template")]
+    InvalidTemplate {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The template's kernel file is missing.
+    #[error("guest kernel {path} is missing; rebuild the template with guest/build.sh")]
+    KernelMissing {
+        /// The expected kernel path.
+        path: PathBuf,
+    },
+    /// The template's kernel is not a bootable vmlinux.
+    #[error("guest kernel {path} is not usable: {reason}; rebuild the template with guest/build.sh")]
+    InvalidKernel {
+        /// The kernel.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The template's root filesystem image is missing.
+    #[error("root filesystem image {path} is missing; rebuild the template with guest/build.sh")]
+    RootfsMissing {
+        /// The expected image path.
+        path: PathBuf,
+    },
+    /// The template's root filesystem image is corrupt.
+    #[error("root filesystem image {path} is corrupt: {reason}; rebuild the template with guest/build.sh")]
+    CorruptRootfs {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `/dev/kvm` cannot be used.
+    #[error("KVM is not available: {reason}; dormouse needs /dev/kvm (load the kvm module, or run where hardware or PVM virtualization is exposed)")]
+    KvmUnavailable {
+        /// Why.
+        reason: String,
+    },
+    /// The sandbox configuration is invalid.
+    #[error("invalid sandbox configuration: {0}")]
+    InvalidConfig(String),
+    /// The VMM could not start the machine.
+    #[error("cannot start the microVM: {0}")]
+    Vmm(#[source] crate::vmm::MachineError),
+    /// The guest did not reach its agent in time.
+    #[error("the guest did not become ready within {after:?} (raise SandboxConfig::boot_timeout on slow hosts)\n{console}")]
+    BootTimeout {
+        /// The timeout that expired.
+        after: Duration,
+        /// The end of the console.
+        console: ConsoleTail,
+    },
+    /// The guest stopped running (kernel panic, shutdown, KVM error).
+    #[error("the guest stopped: {reason}\n{console}")]
+    GuestStopped {
+        /// Why it stopped.
+        reason: GuestStop,
+        /// The end of the console.
+        console: ConsoleTail,
+    },
+    /// Talking to the guest agent failed.
+    #[error("guest agent: {0}")]
+    Agent(#[from] crate::agent::AgentError),
+    /// The sandbox's disk could not be set up.
+    #[error("sandbox disk: {0}")]
+    Disk(#[from] crate::disk::DiskError),
+    /// A file operation on the host failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}
+
+impl From<crate::vmm::MachineError> for Error {
+    fn from(e: crate::vmm::MachineError) -> Error {
+        use crate::vmm::vm::VmError;
+        match e {
+            crate::vmm::MachineError::Vm(VmError::KvmUnavailable(err)) => Error::KvmUnavailable {
+                reason: err.to_string(),
+            },
+            other => Error::Vmm(other),
+        }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,268 @@
+//! A running microVM: VM, vCPU threads, devices.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::kvm_lapic_state;
+use kvm_ioctls::VcpuFd;
+
+use super::cpu::{self, HostKind};
+use super::{boot, memory, mptable};
+use super::devices::serial::{new_serial, Console};
+use super::devices::virtio::mmio::{MmioTransport, MMIO_DEVICE_SIZE, MMIO_NOTIFY_OFFSET};
+use super::devices::virtio::{IrqTrigger, VirtioDevice};
+use super::devices::bus::{DeviceManager, MmioSlot};
+use super::layout::{COM1_IRQ, IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_BASE};
+use super::vcpu::{GuestStop, VcpuShared, VcpuThread};
+use super::vm::{Vm, VmError};
+
+/// What to boot.
+pub struct MachineConfig {
+    /// ELF `vmlinux` to boot.
+    pub kernel: PathBuf,
+    /// Kernel parameters beyond the ones the VMM adds (console, devices, host quirks).
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// Number of vCPUs (1..=254).
+    pub vcpus: u8,
+    /// The KVM device, normally `/dev/kvm`.
+    pub kvm_path: PathBuf,
+    /// Where the serial console is written.
+    pub console_log: PathBuf,
+    /// Virtio devices, in order: the first block device becomes `/dev/vda`.
+    pub devices: Vec<Box<dyn VirtioDevice>>,
+}
+
+/// Errors starting a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// KVM or VM setup failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Loading the kernel or writing boot data failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// The CPU model could not be built.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// The configuration is invalid.
+    #[error("invalid machine configuration: {0}")]
+    Config(String),
+    /// A vCPU could not be configured.
+    #[error("cannot configure vCPU {index}: {op}: {source}")]
+    Vcpu {
+        /// The vCPU.
+        index: u8,
+        /// The ioctl.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A device could not be set up.
+    #[error("cannot set up a device: {0}")]
+    Device(String),
+    /// A file or thread could not be created.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running microVM. Dropping it stops the vCPUs, joins every thread and
+/// releases guest memory and all file descriptors.
+pub struct Machine {
+    vcpus: Vec<VcpuThread>,
+    shared: Arc<VcpuShared>,
+    bus: Arc<DeviceManager>,
+    console: Console,
+    host: HostKind,
+    // Dropped last: guest memory must outlive the vCPU threads and devices.
+    vm: Vm,
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+fn set_lint(lapic: &mut kvm_lapic_state) {
+    for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let bytes: Vec<u8> = lapic.regs[reg..reg + 4].iter().map(|b| *b as u8).collect();
+        let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let value = (value & !0x700) | (mode << 8);
+        for (dst, src) in lapic.regs[reg..reg + 4].iter_mut().zip(value.to_le_bytes()) {
+            *dst = src as _;
+        }
+    }
+}
+
+impl Machine {
+    /// Creates the VM, loads the kernel and starts the vCPUs.
+    pub fn boot(config: MachineConfig) -> Result<Machine, MachineError> {
+        if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
+            return Err(MachineError::Config(format!(
+                "{} vCPUs requested; use 1 to {}",
+                config.vcpus,
+                mptable::MAX_CPUS
+            )));
+        }
+        if config.mem_mib < 64 {
+            return Err(MachineError::Config(format!(
+                "{} MiB of memory requested; a Linux guest needs at least 64 MiB",
+                config.mem_mib
+            )));
+        }
+        let max_devices = (IRQ_MAX - IRQ_BASE + 1) as usize;
+        if config.devices.len() > max_devices {
+            return Err(MachineError::Config(format!(
+                "{} virtio devices requested; at most {max_devices}",
+                config.devices.len()
+            )));
+        }
+        let host = HostKind::detect();
+        let vm = Vm::new(&config.kvm_path, u64::from(config.mem_mib) << 20)?;
+        let console = Console::to_file(&config.console_log).map_err(|source| MachineError::Io {
+            what: format!("cannot create the console log {}", config.console_log.display()),
+            source,
+        })?;
+        let serial = new_serial(console.clone(), vm.irqfd(COM1_IRQ)?);
+
+        let mut cmdline = vec![
+            "console=ttyS0".to_owned(),
+            "reboot=k".to_owned(),
+            "panic=-1".to_owned(),
+            "i8042.noaux".to_owned(),
+            "i8042.nokbd".to_owned(),
+            host.kernel_params().to_owned(),
+        ];
+        let mut slots = Vec::new();
+        for (i, device) in config.devices.into_iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_DEVICE_SIZE;
+            let gsi = IRQ_BASE + i as u32;
+            let irq = Arc::new(IrqTrigger::new(vm.irqfd(gsi)?));
+            let transport = MmioTransport::new(device, vm.memory().clone(), irq)
+                .map_err(|e| MachineError::Device(e.to_string()))?;
+            for (queue, evt) in transport.queue_evts().iter().enumerate() {
+                vm.ioeventfd(evt, base + MMIO_NOTIFY_OFFSET, queue as u32)?;
+            }
+            cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+            slots.push(MmioSlot {
+                base,
+                size: MMIO_DEVICE_SIZE,
+                transport: Mutex::new(transport),
+            });
+        }
+        cmdline.push(config.cmdline);
+        let parts: Vec<&str> = cmdline.iter().map(String::as_str).collect();
+
+        let mem = vm.memory();
+        let entry = boot::load_kernel(mem, &config.kernel)?;
+        boot::write_boot_params(mem, &boot::build_cmdline(&parts)?)?;
+        mptable::setup_mptable(mem, config.vcpus)?;
+
+        let mut fds = Vec::new();
+        for index in 0..config.vcpus {
+            fds.push(Self::configure_vcpu(&vm, host, index, config.vcpus, entry)?);
+        }
+
+        let bus = Arc::new(DeviceManager::new(serial, slots));
+        let shared = VcpuShared::new(host, console.clone());
+        let mut machine = Machine {
+            vcpus: Vec::new(),
+            shared,
+            bus,
+            console,
+            host,
+            vm,
+        };
+        for (index, fd) in fds.into_iter().enumerate() {
+            let thread = VcpuThread::spawn(index as u8, fd, machine.bus.clone(), machine.shared.clone())
+                .map_err(|source| MachineError::Io {
+                    what: format!("cannot start the thread of vCPU {index}"),
+                    source,
+                })?;
+            machine.vcpus.push(thread);
+        }
+        Ok(machine)
+    }
+
+    fn configure_vcpu(
+        vm: &Vm,
+        host: HostKind,
+        index: u8,
+        count: u8,
+        entry: boot::KernelEntry,
+    ) -> Result<VcpuFd, MachineError> {
+        let err = |op| move |source| MachineError::Vcpu { index, op, source };
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpu::vcpu_cpuid(vm.kvm(), host, index, count)?)
+            .map_err(err("KVM_SET_CPUID2"))?;
+        let msrs = cpu::boot_msrs()?;
+        let set = fd.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
+        if set != msrs.as_slice().len() {
+            log::warn!(
+                "vCPU {index}: KVM accepted {set} of {} boot MSRs",
+                msrs.as_slice().len()
+            );
+        }
+        let mut lapic = fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
+        set_lint(&mut lapic);
+        fd.set_lapic(&lapic).map_err(err("KVM_SET_LAPIC"))?;
+        if index == 0 {
+            fd.set_regs(&boot::boot_regs(entry))
+                .map_err(err("KVM_SET_REGS"))?;
+            fd.set_fpu(&boot::boot_fpu()).map_err(err("KVM_SET_FPU"))?;
+            let mut sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+            boot::setup_sregs(vm.memory(), &mut sregs)?;
+            fd.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
+        }
+        Ok(fd)
+    }
+
+    /// The host kind this machine runs on.
+    pub fn host_kind(&self) -> HostKind {
+        self.host
+    }
+
+    /// The serial console.
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    /// Why the guest stopped by itself, if it did (shutdown, panic, KVM error).
+    pub fn stop_reason(&self) -> Option<GuestStop> {
+        self.shared.stop_reason()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &memory::GuestMemory {
+        self.vm.memory()
+    }
+
+    /// Stops every vCPU and joins the threads. Idempotent.
+    pub fn stop(&mut self) {
+        self.shared.request_stop();
+        for vcpu in self.vcpus.drain(..) {
+            vcpu.join();
+        }
+        self.shared.clear_threads();
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
