@@ -113,7 +113,9 @@ impl Meta {
         if let Some(&last) = bitmap.last() {
             let used_bits = blocks - (bitmap.len() as u64 - 1) * 8;
             if used_bits < 8 && last >> used_bits != 0 {
-                return Err(corrupt("bits set for blocks past the end of the disk".to_owned()));
+                return Err(corrupt(
+                    "bits set for blocks past the end of the disk".to_owned(),
+                ));
             }
         }
         Ok(Self {

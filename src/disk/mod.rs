@@ -309,7 +309,10 @@ impl CowDisk {
                     break;
                 }
             }
-            self.write_data(&buf[(pos - offset) as usize..(run_end - offset) as usize], pos)?;
+            self.write_data(
+                &buf[(pos - offset) as usize..(run_end - offset) as usize],
+                pos,
+            )?;
             for b in block..=(run_end - 1) / BLOCK_SIZE {
                 self.set_allocated(b);
             }
@@ -346,9 +349,7 @@ impl CowDisk {
             len: len as u64,
             size: self.size,
         };
-        let end = offset
-            .checked_add(len as u64)
-            .ok_or_else(out_of_range)?;
+        let end = offset.checked_add(len as u64).ok_or_else(out_of_range)?;
         if end > self.size {
             return Err(out_of_range());
         }

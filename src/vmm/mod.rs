@@ -8,8 +8,8 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
-// pub mod vcpu;
+pub mod vcpu;
 pub mod vm;
 
-// pub mod machine;
-// pub use machine::{Machine, MachineConfig, MachineError};
+pub mod machine;
+pub use machine::{Machine, MachineConfig, MachineError};

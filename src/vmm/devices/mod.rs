@@ -1,5 +1,5 @@
 //! Emulated devices and the bus that routes vCPU exits to them.
 
-// pub mod bus; (enabled once the MMIO transport lands)
+pub mod bus;
 pub mod serial;
 pub mod virtio;
