@@ -81,7 +81,7 @@ target=x86_64-unknown-linux-gnu
 log "building dormouse-agent"
 (
     cd "$repo"
-    RUSTFLAGS="-C target-feature=+crt-static" \
+    RUSTFLAGS="-C target-feature=+crt-static -C strip=debuginfo" \
         cargo build -q -p dormouse-agent --release --target "$target" >&2
 )
 target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps |

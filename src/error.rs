@@ -106,6 +106,9 @@ pub enum Error {
         /// The end of the console.
         console: ConsoleTail,
     },
+    /// No connection to the guest agent could be opened.
+    #[error("cannot connect to the guest agent: {0}")]
+    Vsock(#[source] crate::vmm::devices::virtio::vsock::VsockError),
     /// Talking to the guest agent failed.
     #[error("guest agent: {0}")]
     Agent(#[from] crate::agent::AgentError),

@@ -25,14 +25,14 @@
 
 pub mod agent;
 pub mod disk;
-// mod error; (enabled with the sandbox layer)
+mod error;
 pub mod proto;
-// mod runtime;
-// mod sandbox;
-// pub mod template;
+mod runtime;
+mod sandbox;
+pub mod template;
 pub mod vmm;
 
-// pub use error::{ConsoleTail, Error, Result};
-// pub use runtime::{default_cache_dir, Runtime, RuntimeBuilder};
-// pub use sandbox::{Command, CommandOutput, Commands, Running, Sandbox, SandboxConfig, SandboxId};
+pub use error::{ConsoleTail, Error, Result};
+pub use runtime::{default_cache_dir, Runtime, RuntimeBuilder};
+pub use sandbox::{Command, CommandOutput, Commands, Running, Sandbox, SandboxConfig, SandboxId};
 pub use vmm::cpu::HostKind;

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::agent::{self, AgentError, ExecOutput, ExecRequest};
+use crate::agent::{self, AgentError, ExecOutput};
+pub use crate::agent::ExecRequest as Command;
 use crate::disk::CowDisk;
 use crate::error::{ConsoleTail, Error, Result};
 use crate::proto::AGENT_VSOCK_PORT;
@@ -278,7 +279,7 @@ impl Sandbox<Running> {
             what: "the vsock connect task failed".into(),
             source: std::io::Error::other(e.to_string()),
         })?
-        .map_err(|e| Error::Agent(AgentError::Connect(e.to_string())))?;
+        .map_err(Error::Vsock)?;
         stream
             .set_nonblocking(true)
             .map_err(Error::io("cannot set the agent connection non-blocking"))?;
@@ -341,52 +342,6 @@ impl Drop for DirGuard {
     }
 }
 
-/// A command to run in the guest.
-#[derive(Debug, Clone, Default)]
-pub struct Command {
-    argv: Vec<String>,
-    env: Vec<(String, String)>,
-    cwd: Option<String>,
-    stdin: Option<Vec<u8>>,
-}
-
-impl Command {
-    /// A shell command line, run with `/bin/sh -c`.
-    pub fn shell(cmdline: impl Into<String>) -> Self {
-        Self::args(["/bin/sh".to_owned(), "-c".to_owned(), cmdline.into()])
-    }
-
-    /// A program and its arguments, run without a shell (`argv[0]` is looked up in `PATH`).
-    pub fn args<I, T>(argv: I) -> Self
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<String>,
-    {
-        Self {
-            argv: argv.into_iter().map(Into::into).collect(),
-            ..Default::default()
-        }
-    }
-
-    /// Adds an environment variable.
-    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
-    }
-
-    /// Sets the working directory.
-    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
-        self.cwd = Some(dir.into());
-        self
-    }
-
-    /// Data fed to the command's standard input (then EOF).
-    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
-        self.stdin = Some(data.into());
-        self
-    }
-}
-
 /// The result of a finished command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandOutput {
@@ -432,15 +387,18 @@ impl Commands<'_> {
         self.exec(Command::shell(cmdline)).await
     }
 
-    /// Runs a [`Command`] and waits for it.
-    pub async fn exec(&self, cmd: Command) -> Result<CommandOutput> {
+    /// Runs a [`Command`] (a program with arguments, environment, working
+    /// directory and standard input) and waits for it.
+    ///
+    /// ```no_run
+    /// # async fn demo(sbx: dormouse::Sandbox<dormouse::Running>) -> dormouse::Result<()> {
+    /// use dormouse::Command;
+    /// let cmd = Command::new(["tr", "a-z", "A-Z"]).stdin("hi\n").cwd("/tmp").env("LANG", "C");
+    /// assert_eq!(sbx.commands().exec(cmd).await?.stdout, "HI\n");
+    /// # Ok(()) }
+    /// ```
+    pub async fn exec(&self, request: Command) -> Result<CommandOutput> {
         let stream = self.sandbox.connect_agent().await?;
-        let request = ExecRequest {
-            argv: cmd.argv,
-            env: cmd.env,
-            cwd: cmd.cwd,
-            stdin: cmd.stdin,
-        };
         let out = self
             .sandbox
             .while_alive(agent::exec(stream, request))

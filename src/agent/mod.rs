@@ -1,1 +1,508 @@
-//! Host side of the guest-agent protocol.
+//! Host side of the guest-agent protocol: an async client over any byte
+//! stream.
+//!
+//! Each function takes a freshly opened stream to the agent (a vsock
+//! connection handed out by the VMM, a Unix socket to a development agent),
+//! performs the [`proto`] handshake and one request, and
+//! consumes the stream. Everything the guest sends is validated: the guest
+//! is untrusted. Timeouts are the caller's (wrap a call in
+//! `tokio::time::timeout`); dropping the future or the stream cancels the
+//! request, and the agent then kills the command's process group.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), dormouse::agent::AgentError> {
+//! use dormouse::agent::{exec, ExecRequest};
+//! let stream = tokio::net::UnixStream::connect("/tmp/agent.sock").await?;
+//! let out = exec(stream, ExecRequest::shell("echo hello")).await?;
+//! assert_eq!(out.stdout, b"hello\n");
+//! assert_eq!(out.exit_code, Some(0));
+//! # Ok(()) }
+//! ```
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::proto::{
+    self, encode, Decoder, Exec, Frame, Hello, HelloAck, Ping, ProtoError, StdinMode, DATA_CHUNK,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+pub use crate::proto::{ErrorKind, ExitStatus};
+
+#[cfg(test)]
+mod tests;
+
+/// The default cap on a collected command's output (stdout and stderr
+/// together): 64 MiB.
+pub const DEFAULT_MAX_OUTPUT: usize = 64 << 20;
+
+/// Size of one read from the agent stream.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Errors of a request to the agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The agent closed the stream (or the stream broke) before answering.
+    #[error(
+        "the guest agent closed the connection {during}; the guest may have stopped, crashed or \
+         been paused: check the guest console, then reconnect and retry"
+    )]
+    Disconnected {
+        /// What the client was waiting for.
+        during: &'static str,
+    },
+    /// The agent sent bytes that violate the protocol.
+    #[error("the guest agent violated the protocol: {0}")]
+    Protocol(#[from] ProtoError),
+    /// The agent could not carry out the request and said why.
+    #[error("the guest agent refused the request ({kind:?}): {message}")]
+    Remote {
+        /// The category.
+        kind: ErrorKind,
+        /// The agent's explanation (guest-controlled text).
+        message: String,
+    },
+    /// The agent speaks a protocol version this host does not support.
+    #[error(
+        "the guest agent chose protocol version {version}, but this host supports \
+         {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}; rebuild the guest template with this \
+         release of dormouse"
+    )]
+    IncompatibleAgent {
+        /// The version the agent chose.
+        version: u16,
+    },
+    /// The command wrote more than [`ExecRequest::max_output`] bytes.
+    #[error(
+        "the command's output exceeded the limit of {limit} bytes; raise \
+         ExecRequest::max_output, stream it with exec_streaming, or redirect it to a file"
+    )]
+    OutputTooLarge {
+        /// The limit that was exceeded.
+        limit: usize,
+    },
+    /// The request cannot be sent as it is.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The receiver of [`exec_streaming`]'s chunks was dropped; the command
+    /// was abandoned (and is killed by the agent).
+    #[error("the output receiver was dropped, so the command was abandoned")]
+    ReceiverDropped,
+    /// The stream failed for a reason other than the peer going away.
+    #[error("I/O error on the guest agent stream: {0}")]
+    Io(#[source] io::Error),
+}
+
+impl From<io::Error> for AgentError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// What the agent said about itself in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// The protocol version in use on this connection.
+    pub protocol_version: u16,
+    /// The agent's release (guest-controlled text).
+    pub agent_version: String,
+    /// What the agent implements ([`proto::capability`] names).
+    pub capabilities: Vec<String>,
+    /// Whether the agent runs as PID 1 of a VM.
+    pub init: bool,
+}
+
+impl AgentInfo {
+    /// Whether the agent reported capability `name`.
+    pub fn has_capability(&self, name: &str) -> bool {
+        self.capabilities.iter().any(|c| c == name)
+    }
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// The program and its arguments; `argv[0]` without a `/` is looked up
+    /// in the command's `PATH`.
+    pub argv: Vec<String>,
+    /// Environment variables added to (or replacing) the agent's defaults.
+    pub env: Vec<(String, String)>,
+    /// The working directory (the guest's `/` when `None`).
+    pub cwd: Option<String>,
+    /// Bytes for standard input (`/dev/null` when `None`).
+    pub stdin: Option<Vec<u8>>,
+    /// The most output (stdout and stderr together) [`exec`] collects
+    /// before failing with [`AgentError::OutputTooLarge`].
+    pub max_output: usize,
+}
+
+impl ExecRequest {
+    /// Runs `argv` directly (no shell).
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            cwd: None,
+            stdin: None,
+            max_output: DEFAULT_MAX_OUTPUT,
+        }
+    }
+
+    /// Runs `command` with `/bin/sh -c`.
+    pub fn shell(command: impl Into<String>) -> Self {
+        Self::new(["/bin/sh".to_string(), "-c".to_string(), command.into()])
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Sets the bytes fed to standard input.
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(data.into());
+        self
+    }
+
+    /// Sets the output cap of [`exec`].
+    pub fn max_output(mut self, bytes: usize) -> Self {
+        self.max_output = bytes;
+        self
+    }
+
+    fn to_wire(&self) -> Result<Exec, AgentError> {
+        let exec = Exec {
+            argv: self.argv.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            stdin: if self.stdin.is_some() {
+                StdinMode::Pipe
+            } else {
+                StdinMode::Null
+            },
+        };
+        exec.validate().map_err(AgentError::InvalidRequest)?;
+        Ok(exec)
+    }
+}
+
+/// The collected result of [`exec`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Everything the command wrote to standard output.
+    pub stdout: Vec<u8>,
+    /// Everything the command wrote to standard error.
+    pub stderr: Vec<u8>,
+    /// The exit code, when the command exited.
+    pub exit_code: Option<i32>,
+    /// The signal number, when a signal killed the command.
+    pub signal: Option<i32>,
+}
+
+impl ExecOutput {
+    /// Whether the command exited with code 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+}
+
+/// A piece of a running command's output, in the order the agent read it
+/// (each stream in order; the interleaving of the two is approximate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputChunk {
+    /// Bytes from standard output.
+    Stdout(Vec<u8>),
+    /// Bytes from standard error.
+    Stderr(Vec<u8>),
+}
+
+/// Performs the handshake only and reports what the agent is. The stream
+/// is spent afterwards (one request per connection).
+pub async fn hello<S>(stream: S) -> Result<AgentInfo, AgentError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut conn = Conn::new(stream);
+    conn.send(&[Frame::Hello(hello_msg())]).await?;
+    conn.read_ack().await
+}
+
+/// Performs the handshake and a ping round trip through the agent's request
+/// dispatch (a readiness check), returning what the agent is.
+pub async fn ping<S>(stream: S) -> Result<AgentInfo, AgentError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    const NONCE: u64 = 0x646f_726d_6f75_7365;
+    let mut conn = Conn::new(stream);
+    conn.send(&[
+        Frame::Hello(hello_msg()),
+        Frame::Ping(Ping { nonce: NONCE }),
+    ])
+    .await?;
+    let info = conn.read_ack().await?;
+    match conn.next("waiting for Pong").await? {
+        Frame::Pong(Ping { nonce: NONCE }) => Ok(info),
+        Frame::Pong(_) => Err(ProtoError::InvalidPayload {
+            frame: proto::FrameType::Pong,
+            reason: "the nonce differs from the ping's".into(),
+        }
+        .into()),
+        Frame::Error(e) => Err(remote(e)),
+        other => Err(unexpected(&other, "Pong")),
+    }
+}
+
+/// Runs a command and collects its output (at most
+/// [`ExecRequest::max_output`] bytes, else [`AgentError::OutputTooLarge`]).
+pub async fn exec<S>(stream: S, req: ExecRequest) -> Result<ExecOutput, AgentError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let limit = req.max_output;
+    let mut out = ExecOutput::default();
+    let mut total = 0usize;
+    let mut collect = |chunk: OutputChunk| {
+        let (buf, data) = match chunk {
+            OutputChunk::Stdout(d) => (&mut out.stdout, d),
+            OutputChunk::Stderr(d) => (&mut out.stderr, d),
+        };
+        total = total.saturating_add(data.len());
+        if total > limit {
+            return Err(AgentError::OutputTooLarge { limit });
+        }
+        if buf.is_empty() {
+            *buf = data;
+        } else {
+            buf.extend_from_slice(&data);
+        }
+        Ok(())
+    };
+    let status = drive(stream, req, |chunk| std::future::ready(collect(chunk))).await?;
+    out.exit_code = status.code;
+    out.signal = status.signal;
+    Ok(out)
+}
+
+/// Runs a command and sends its output to `chunks` as it arrives (no
+/// output cap: the receiver decides, and a slow receiver slows the command
+/// down), returning how it ended. Dropping the receiver abandons the
+/// command ([`AgentError::ReceiverDropped`]).
+pub async fn exec_streaming<S>(
+    stream: S,
+    req: ExecRequest,
+    chunks: mpsc::Sender<OutputChunk>,
+) -> Result<ExitStatus, AgentError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    drive(stream, req, |chunk| {
+        let tx = chunks.clone();
+        async move {
+            tx.send(chunk)
+                .await
+                .map_err(|_| AgentError::ReceiverDropped)
+        }
+    })
+    .await
+}
+
+/// The exec state machine: sends the handshake, the request and its stdin
+/// while reading the answer, and hands each output chunk to `sink`.
+async fn drive<S, F, Fut>(
+    stream: S,
+    req: ExecRequest,
+    mut sink: F,
+) -> Result<ExitStatus, AgentError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    F: FnMut(OutputChunk) -> Fut,
+    Fut: std::future::Future<Output = Result<(), AgentError>>,
+{
+    let exec = req.to_wire()?;
+    let mut first = encode(&Frame::Hello(hello_msg()))?;
+    first.extend_from_slice(&encode(&Frame::Exec(exec))?);
+    let stdin = req.stdin;
+
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let writer = async move {
+        wr.write_all(&first).await?;
+        if let Some(data) = stdin {
+            for chunk in data.chunks(DATA_CHUNK) {
+                let frame = encode(&Frame::Stdin(chunk.to_vec())).map_err(io::Error::other)?;
+                wr.write_all(&frame).await?;
+            }
+            let eof = encode(&Frame::StdinEof).map_err(io::Error::other)?;
+            wr.write_all(&eof).await?;
+        }
+        wr.flush().await
+    };
+    tokio::pin!(writer);
+    let mut writing = true;
+
+    let mut dec = Decoder::new();
+    let mut acked = false;
+    loop {
+        while let Some(frame) = dec.next_frame()? {
+            match frame {
+                Frame::HelloAck(ack) if !acked => {
+                    info_from_ack(ack)?;
+                    acked = true;
+                }
+                Frame::Stdout(d) if acked => sink(OutputChunk::Stdout(d)).await?,
+                Frame::Stderr(d) if acked => sink(OutputChunk::Stderr(d)).await?,
+                Frame::Exit(status) if acked => return Ok(status),
+                Frame::Error(e) => return Err(remote(e)),
+                other => {
+                    return Err(unexpected(
+                        &other,
+                        if acked {
+                            "Stdout, Stderr, Exit or Error"
+                        } else {
+                            "HelloAck"
+                        },
+                    ))
+                }
+            }
+        }
+        let during = if acked {
+            "while the command ran"
+        } else {
+            "during the handshake"
+        };
+        let space = dec.read_space(READ_CHUNK);
+        let read = if writing {
+            tokio::select! {
+                biased;
+                r = rd.read(space) => r,
+                w = &mut writer => {
+                    writing = false;
+                    // A failed write (the agent closed early) is not the
+                    // answer: the agent's Error frame or EOF, read next, is.
+                    drop(w);
+                    continue;
+                }
+            }
+        } else {
+            rd.read(space).await
+        };
+        match read {
+            Ok(0) => return Err(AgentError::Disconnected { during }),
+            Ok(n) => dec.commit(n),
+            Err(e) => return Err(io_error(e, during)),
+        }
+    }
+}
+
+fn hello_msg() -> Hello {
+    Hello {
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        client: concat!("dormouse ", env!("CARGO_PKG_VERSION")).into(),
+    }
+}
+
+fn info_from_ack(ack: HelloAck) -> Result<AgentInfo, AgentError> {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&ack.version) {
+        return Err(AgentError::IncompatibleAgent {
+            version: ack.version,
+        });
+    }
+    Ok(AgentInfo {
+        protocol_version: ack.version,
+        agent_version: ack.agent_version,
+        capabilities: ack.capabilities,
+        init: ack.init,
+    })
+}
+
+fn remote(e: proto::ErrorMsg) -> AgentError {
+    AgentError::Remote {
+        kind: e.kind,
+        message: e.message,
+    }
+}
+
+fn unexpected(frame: &Frame, expected: &'static str) -> AgentError {
+    AgentError::Protocol(ProtoError::UnexpectedFrame {
+        got: frame.frame_type(),
+        expected,
+    })
+}
+
+/// A peer going away is [`AgentError::Disconnected`]; other failures are
+/// [`AgentError::Io`].
+fn io_error(e: io::Error, during: &'static str) -> AgentError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::NotConnected => AgentError::Disconnected { during },
+        _ => AgentError::Io(e),
+    }
+}
+
+/// A stream with a frame decoder, for the simple request/answer exchanges.
+struct Conn<S> {
+    stream: S,
+    dec: Decoder,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
+    fn new(stream: S) -> Self {
+        Self {
+            stream,
+            dec: Decoder::new(),
+        }
+    }
+
+    /// Sends `frames` with one write.
+    async fn send(&mut self, frames: &[Frame]) -> Result<(), AgentError> {
+        let mut bytes = Vec::new();
+        for f in frames {
+            bytes.extend_from_slice(&encode(f)?);
+        }
+        let sent = async {
+            self.stream.write_all(&bytes).await?;
+            self.stream.flush().await
+        };
+        sent.await
+            .map_err(|e| io_error(e, "while sending the request"))
+    }
+
+    async fn next(&mut self, during: &'static str) -> Result<Frame, AgentError> {
+        loop {
+            if let Some(frame) = self.dec.next_frame()? {
+                return Ok(frame);
+            }
+            let space = self.dec.read_space(READ_CHUNK);
+            match self.stream.read(space).await {
+                Ok(0) => return Err(AgentError::Disconnected { during }),
+                Ok(n) => self.dec.commit(n),
+                Err(e) => return Err(io_error(e, during)),
+            }
+        }
+    }
+
+    async fn read_ack(&mut self) -> Result<AgentInfo, AgentError> {
+        match self.next("during the handshake").await? {
+            Frame::HelloAck(ack) => info_from_ack(ack),
+            Frame::Error(e) => Err(remote(e)),
+            other => Err(unexpected(&other, "HelloAck")),
+        }
+    }
+}

@@ -20,7 +20,9 @@ use super::memory::GuestMemory;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The kernel file does not exist or cannot be opened.
-    #[error("cannot open the guest kernel {path}: {source}; build the guest image first (see README)")]
+    #[error(
+        "cannot open the guest kernel {path}: {source}; build the guest image first (see README)"
+    )]
     KernelOpen {
         /// The kernel path.
         path: std::path::PathBuf,
@@ -283,7 +285,8 @@ mod tests {
         assert_eq!({ e1.addr }, HIMEM_START);
         assert_eq!({ e1.size }, (64 << 20) - HIMEM_START);
         let mut buf = [0xffu8; 23];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&buf[..22], b"console=ttyS0 reboot=k");
         assert_eq!(buf[22], 0);
     }

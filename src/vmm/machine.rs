@@ -7,14 +7,14 @@ use kvm_bindings::kvm_lapic_state;
 use kvm_ioctls::VcpuFd;
 
 use super::cpu::{self, HostKind};
-use super::{boot, memory, mptable};
+use super::devices::bus::{DeviceManager, MmioSlot};
 use super::devices::serial::{new_serial, Console};
 use super::devices::virtio::mmio::{MmioTransport, MMIO_DEVICE_SIZE, MMIO_NOTIFY_OFFSET};
 use super::devices::virtio::{IrqTrigger, VirtioDevice};
-use super::devices::bus::{DeviceManager, MmioSlot};
 use super::layout::{COM1_IRQ, IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_BASE};
 use super::vcpu::{GuestStop, VcpuShared, VcpuThread};
 use super::vm::{Vm, VmError};
+use super::{boot, memory, mptable};
 
 /// What to boot.
 pub struct MachineConfig {
@@ -131,7 +131,10 @@ impl Machine {
         let host = HostKind::detect();
         let vm = Vm::new(&config.kvm_path, u64::from(config.mem_mib) << 20)?;
         let console = Console::to_file(&config.console_log).map_err(|source| MachineError::Io {
-            what: format!("cannot create the console log {}", config.console_log.display()),
+            what: format!(
+                "cannot create the console log {}",
+                config.console_log.display()
+            ),
             source,
         })?;
         let serial = new_serial(console.clone(), vm.irqfd(COM1_IRQ)?);
@@ -185,11 +188,12 @@ impl Machine {
             vm,
         };
         for (index, fd) in fds.into_iter().enumerate() {
-            let thread = VcpuThread::spawn(index as u8, fd, machine.bus.clone(), machine.shared.clone())
-                .map_err(|source| MachineError::Io {
-                    what: format!("cannot start the thread of vCPU {index}"),
-                    source,
-                })?;
+            let thread =
+                VcpuThread::spawn(index as u8, fd, machine.bus.clone(), machine.shared.clone())
+                    .map_err(|source| MachineError::Io {
+                        what: format!("cannot start the thread of vCPU {index}"),
+                        source,
+                    })?;
             machine.vcpus.push(thread);
         }
         Ok(machine)

@@ -15,8 +15,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::cpu::{should_inject_breakpoint, HostKind};
-use super::devices::serial::Console;
 use super::devices::bus::{BusAction, DeviceManager};
+use super::devices::serial::Console;
 
 /// Why a VM stopped running on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +208,12 @@ fn run_loop(index: u8, mut fd: VcpuFd, bus: &DeviceManager, shared: &VcpuShared)
 
 /// Runs the vCPU until one exit is handled; returns a stop reason if the
 /// guest cannot continue.
-fn run_once(index: u8, fd: &mut VcpuFd, bus: &DeviceManager, shared: &VcpuShared) -> Option<GuestStop> {
+fn run_once(
+    index: u8,
+    fd: &mut VcpuFd,
+    bus: &DeviceManager,
+    shared: &VcpuShared,
+) -> Option<GuestStop> {
     match fd.run() {
         Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
         Ok(VcpuExit::IoOut(port, data)) => {

@@ -49,9 +49,8 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 /// Opens the KVM device.
 pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        VmError::KvmUnavailable(kvm_ioctls::Error::new(libc::EINVAL))
-    })?;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| VmError::KvmUnavailable(kvm_ioctls::Error::new(libc::EINVAL)))?;
     Kvm::new_with_path(c_path).map_err(VmError::KvmUnavailable)
 }
 
@@ -90,7 +89,8 @@ impl Vm {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -112,11 +112,7 @@ impl Vm {
             unsafe { fd.set_user_memory_region(region_desc) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        Ok(Vm {
-            kvm,
-            fd,
-            mem,
-        })
+        Ok(Vm { kvm, fd, mem })
     }
 
     /// The `/dev/kvm` handle.

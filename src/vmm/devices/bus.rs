@@ -2,10 +2,9 @@
 
 use std::sync::{Mutex, PoisonError};
 
-
-use crate::vmm::layout::COM1_PORT;
 use super::serial::SerialDevice;
 use super::virtio::mmio::MmioTransport;
+use crate::vmm::layout::COM1_PORT;
 
 /// i8042 command port: writing `0xfe` pulses the CPU reset line.
 const I8042_COMMAND_PORT: u16 = 0x64;

@@ -69,7 +69,9 @@ impl Console {
         for &b in bytes {
             if b == b'\n' || state.line.len() >= MAX_LINE {
                 let raw = std::mem::take(&mut state.line);
-                let text = String::from_utf8_lossy(&raw).trim_end_matches('\r').to_owned();
+                let text = String::from_utf8_lossy(&raw)
+                    .trim_end_matches('\r')
+                    .to_owned();
                 if let Some(file) = state.file.as_mut() {
                     // The log is best effort: a full disk must not stop the guest.
                     let _ = file.write_all(text.as_bytes());
@@ -145,7 +147,10 @@ mod tests {
         assert_eq!(tail.last().unwrap(), "partial");
         assert!(console.panic_message().is_none());
         console.push(b"\n[ 1.0] Kernel panic - not syncing: VFS: Unable to mount root fs\n");
-        assert!(console.panic_message().unwrap().contains("Unable to mount root"));
+        assert!(console
+            .panic_message()
+            .unwrap()
+            .contains("Unable to mount root"));
         let log = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
         assert!(log.starts_with("line 0\nline 1\n"));
     }

@@ -59,15 +59,25 @@ pub(super) mod op {
 /// The fields of `struct virtio_vsock_hdr`, in host byte order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Header {
+    /// The sender's CID.
     pub src_cid: u64,
+    /// The receiver's CID.
     pub dst_cid: u64,
+    /// The sender's port.
     pub src_port: u32,
+    /// The receiver's port.
     pub dst_port: u32,
+    /// Payload bytes following the header.
     pub len: u32,
+    /// Socket type (`TYPE_STREAM`).
     pub type_: u16,
+    /// What the packet asks for (`op::*`).
     pub op: u16,
+    /// `SHUTDOWN_*` flags of a SHUTDOWN packet.
     pub flags: u32,
+    /// The sender's receive buffer size for this connection.
     pub buf_alloc: u32,
+    /// Payload bytes the sender has consumed on this connection (wraps).
     pub fwd_cnt: u32,
 }
 
@@ -184,7 +194,7 @@ where
             let header = Header::from_packet(&pkt);
             // `from_tx_virtq_chain` maps exactly `len` bytes of payload (or
             // none when `len` is 0).
-            let data = pkt.data_slice().copied();
+            let data = pkt.data_slice().cloned();
             Ok(TxPacket { header, data })
         }
         Err(reason) => Err(MalformedTx {
@@ -268,7 +278,10 @@ mod tests {
             fwd_cnt: 6,
         };
         let r = h.reply(op::RST);
-        assert_eq!((r.src_cid, r.dst_cid, r.src_port, r.dst_port), (2, 3, 20, 10));
+        assert_eq!(
+            (r.src_cid, r.dst_cid, r.src_port, r.dst_port),
+            (2, 3, 20, 10)
+        );
         assert_eq!((r.len, r.type_, r.op, r.flags), (0, 2, op::RST, 0));
     }
 }

@@ -1,0 +1,377 @@
+//! Starting a command: environment, `PATH` lookup, working directory, pipes,
+//! and `posix_spawn` (a vfork-style spawn, cheap in a guest where every page
+//! fault of a `fork` copy would be emulated).
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::proto::{ErrorKind, Exec, StdinMode, DATA_CHUNK};
+use crate::{init, reaper, sys};
+
+/// Why a command could not be started, as sent to the host.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The category.
+    pub kind: ErrorKind,
+    /// A sentence saying what to do.
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<io::Error> for Refusal {
+    fn from(e: io::Error) -> Self {
+        Self::new(
+            ErrorKind::Internal,
+            format!("the agent could not prepare the command: {e}"),
+        )
+    }
+}
+
+/// A started command: its own process group, with our ends of its pipes.
+pub struct Child {
+    /// Its pid, which is also its process group id.
+    pub pid: libc::pid_t,
+    /// Where its raw `waitpid` status arrives (see [`reaper`]).
+    pub status: File,
+    /// Read end of its standard output.
+    pub stdout: File,
+    /// Read end of its standard error.
+    pub stderr: File,
+    /// Non-blocking write end of its standard input, for [`StdinMode::Pipe`].
+    pub stdin: Option<File>,
+}
+
+/// Starts `req` (already validated by the decoder).
+pub fn spawn(req: &Exec) -> Result<Child, Refusal> {
+    let env = environment(&req.env);
+    let cwd = match &req.cwd {
+        Some(cwd) => Some(working_dir(cwd)?),
+        None => None,
+    };
+    let program = resolve(&req.argv[0], &env, cwd.as_deref())?;
+
+    let c_program = cstring(program.as_os_str().as_bytes())?;
+    let c_argv = req
+        .argv
+        .iter()
+        .map(|a| cstring(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let c_env = env
+        .iter()
+        .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let c_cwd = cwd
+        .as_ref()
+        .map(|c| cstring(c.as_os_str().as_bytes()))
+        .transpose()?;
+    let argv_ptrs = null_terminated(&c_argv);
+    let env_ptrs = null_terminated(&c_env);
+
+    let (stdout_r, stdout_w) = sys::pipe()?;
+    let (stderr_r, stderr_w) = sys::pipe()?;
+    sys::grow_pipe(&stdout_r, DATA_CHUNK);
+    sys::grow_pipe(&stderr_r, DATA_CHUNK);
+    let (stdin_child, stdin_ours) = match req.stdin {
+        StdinMode::Pipe => {
+            let (r, w) = sys::pipe()?;
+            sys::set_nonblocking(&w)?;
+            (r, Some(w))
+        }
+        _ => (File::open("/dev/null")?, None),
+    };
+
+    let mut actions = FileActions::new()?;
+    actions.dup2(&stdin_child, 0)?;
+    actions.dup2(&stdout_w, 1)?;
+    actions.dup2(&stderr_w, 2)?;
+    if let Some(dir) = &c_cwd {
+        actions.chdir(dir)?;
+    }
+    let attr = SpawnAttr::new()?;
+
+    let (pid, status) = reaper::spawn_registered(|| {
+        let mut pid: libc::pid_t = 0;
+        // SAFETY: every pointer is valid for the call: the C strings and the
+        // NULL-terminated pointer arrays outlive it, and `actions`/`attr`
+        // are initialised objects.
+        let rc = unsafe {
+            libc::posix_spawn(
+                &mut pid,
+                c_program.as_ptr(),
+                actions.as_ptr(),
+                attr.as_ptr(),
+                argv_ptrs.as_ptr(),
+                env_ptrs.as_ptr(),
+            )
+        };
+        if rc == 0 {
+            Ok(pid)
+        } else {
+            Err(spawn_error(rc, &program))
+        }
+    })?;
+    // Only the child keeps its ends: EOF on our read ends then means the
+    // command (and everything it started) closed its output.
+    drop((stdin_child, stdout_w, stderr_w));
+    Ok(Child {
+        pid,
+        status,
+        stdout: stdout_r,
+        stderr: stderr_r,
+        stdin: stdin_ours,
+    })
+}
+
+/// The agent's environment with the request's variables added or replaced.
+fn environment(extra: &[(String, String)]) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    for (k, v) in extra {
+        match env.iter_mut().find(|(name, _)| name == k.as_str()) {
+            Some(slot) => slot.1 = v.into(),
+            None => env.push((k.into(), v.into())),
+        }
+    }
+    env
+}
+
+/// The absolute working directory, checked to exist.
+fn working_dir(cwd: &str) -> Result<PathBuf, Refusal> {
+    let path = Path::new(cwd);
+    let path = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
+    match fs::metadata(&path) {
+        Ok(m) if m.is_dir() => Ok(path),
+        _ => Err(Refusal::new(
+            ErrorKind::CwdNotFound,
+            format!(
+                "working directory {cwd} does not exist or is not a directory; create it first"
+            ),
+        )),
+    }
+}
+
+/// `argv[0]` as a path to execute: as given when it contains a `/`, else
+/// the first executable file of that name in the command's `PATH`.
+fn resolve(
+    name: &str,
+    env: &[(OsString, OsString)],
+    cwd: Option<&Path>,
+) -> Result<PathBuf, Refusal> {
+    if name.contains('/') {
+        return Ok(PathBuf::from(name));
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| init::DEFAULT_PATH.into());
+    for dir in path.as_bytes().split(|b| *b == b':') {
+        let dir = if dir.is_empty() {
+            Path::new(".")
+        } else {
+            Path::new(OsStr::from_bytes(dir))
+        };
+        let mut candidate = dir.join(name);
+        if candidate.is_relative() {
+            if let Some(cwd) = cwd {
+                candidate = cwd.join(candidate);
+            }
+        }
+        if let Ok(meta) = fs::metadata(&candidate) {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(Refusal::new(
+        ErrorKind::NotFound,
+        format!(
+            "command not found: {name} (no executable of that name in PATH={}); install it or \
+             give its full path",
+            path.to_string_lossy()
+        ),
+    ))
+}
+
+fn spawn_error(errno: libc::c_int, program: &Path) -> Refusal {
+    let err = io::Error::from_raw_os_error(errno);
+    let program = program.display();
+    match errno {
+        libc::ENOENT | libc::ENOTDIR => Refusal::new(
+            ErrorKind::NotFound,
+            format!("command not found: {program}: {err}; check the path"),
+        ),
+        libc::EACCES | libc::EPERM => Refusal::new(
+            ErrorKind::PermissionDenied,
+            format!("cannot execute {program}: {err}; make it executable (chmod +x)"),
+        ),
+        libc::ENOEXEC => Refusal::new(
+            ErrorKind::Spawn,
+            format!("cannot execute {program}: not an executable format; add a #! line"),
+        ),
+        _ => Refusal::new(ErrorKind::Spawn, format!("cannot start {program}: {err}")),
+    }
+}
+
+fn cstring(bytes: &[u8]) -> Result<CString, Refusal> {
+    CString::new(bytes).map_err(|_| {
+        Refusal::new(
+            ErrorKind::InvalidRequest,
+            "a string of the request contains a NUL byte; remove it",
+        )
+    })
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*mut libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr().cast_mut())
+        .chain(std::iter::once(std::ptr::null_mut()))
+        .collect()
+}
+
+/// `posix_spawn_file_actions_t`, destroyed on drop.
+struct FileActions(Box<MaybeUninit<libc::posix_spawn_file_actions_t>>);
+
+impl FileActions {
+    fn new() -> io::Result<Self> {
+        let mut inner = Box::new(MaybeUninit::uninit());
+        // SAFETY: init writes a valid object into the boxed storage.
+        check(unsafe { libc::posix_spawn_file_actions_init(inner.as_mut_ptr()) })?;
+        Ok(Self(inner))
+    }
+
+    fn as_ptr(&self) -> *const libc::posix_spawn_file_actions_t {
+        self.0.as_ptr()
+    }
+
+    /// Makes `fd` the child's descriptor `target` (glibc clears
+    /// close-on-exec, also when the numbers are equal).
+    fn dup2(&mut self, fd: &File, target: libc::c_int) -> io::Result<()> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(fd);
+        // SAFETY: the object was initialised in `new`.
+        check(unsafe { libc::posix_spawn_file_actions_adddup2(self.0.as_mut_ptr(), fd, target) })
+    }
+
+    fn chdir(&mut self, dir: &CString) -> io::Result<()> {
+        // SAFETY: the object was initialised in `new`; glibc copies the path.
+        check(unsafe {
+            libc::posix_spawn_file_actions_addchdir_np(self.0.as_mut_ptr(), dir.as_ptr())
+        })
+    }
+}
+
+impl Drop for FileActions {
+    fn drop(&mut self) {
+        // SAFETY: the object was initialised in `new` and is destroyed once.
+        unsafe { libc::posix_spawn_file_actions_destroy(self.0.as_mut_ptr()) };
+    }
+}
+
+/// `posix_spawnattr_t` for a command: its own process group, an empty
+/// signal mask and every signal at its default action (the agent ignores
+/// `SIGPIPE` and blocks `SIGCHLD`, which a command must not inherit).
+struct SpawnAttr(Box<MaybeUninit<libc::posix_spawnattr_t>>);
+
+impl SpawnAttr {
+    fn new() -> io::Result<Self> {
+        let mut inner = Box::new(MaybeUninit::uninit());
+        // SAFETY: init writes a valid object into the boxed storage.
+        check(unsafe { libc::posix_spawnattr_init(inner.as_mut_ptr()) })?;
+        let mut attr = Self(inner);
+        let p = attr.0.as_mut_ptr();
+        let mut empty = MaybeUninit::<libc::sigset_t>::uninit();
+        let mut all = MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: the set functions initialise the sets they are given; the
+        // attr setters copy them into the initialised attribute object.
+        unsafe {
+            libc::sigemptyset(empty.as_mut_ptr());
+            libc::sigfillset(all.as_mut_ptr());
+            libc::sigdelset(all.as_mut_ptr(), libc::SIGKILL);
+            libc::sigdelset(all.as_mut_ptr(), libc::SIGSTOP);
+            check(libc::posix_spawnattr_setsigmask(p, empty.as_ptr()))?;
+            check(libc::posix_spawnattr_setsigdefault(p, all.as_ptr()))?;
+            check(libc::posix_spawnattr_setpgroup(p, 0))?;
+            check(libc::posix_spawnattr_setflags(
+                p,
+                (libc::POSIX_SPAWN_SETPGROUP
+                    | libc::POSIX_SPAWN_SETSIGMASK
+                    | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short,
+            ))?;
+        }
+        Ok(attr)
+    }
+
+    fn as_ptr(&self) -> *const libc::posix_spawnattr_t {
+        self.0.as_ptr()
+    }
+}
+
+impl Drop for SpawnAttr {
+    fn drop(&mut self) {
+        // SAFETY: the object was initialised in `new` and is destroyed once.
+        unsafe { libc::posix_spawnattr_destroy(self.0.as_mut_ptr()) };
+    }
+}
+
+/// posix_spawn functions return an error number instead of setting errno.
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_variables_replace_or_extend_the_base_environment() {
+        let env = environment(&[
+            ("PATH".into(), "/x".into()),
+            ("DORMOUSE_TEST_NEW".into(), "1".into()),
+        ]);
+        let get = |k: &str| env.iter().filter(|(n, _)| n == k).collect::<Vec<_>>();
+        assert_eq!(get("PATH").len(), 1);
+        assert_eq!(get("PATH")[0].1, "/x");
+        assert_eq!(get("DORMOUSE_TEST_NEW")[0].1, "1");
+    }
+
+    #[test]
+    fn argv0_is_looked_up_in_the_command_path() {
+        let env = vec![(OsString::from("PATH"), OsString::from("/nonexistent:/bin"))];
+        assert_eq!(resolve("sh", &env, None).unwrap(), Path::new("/bin/sh"));
+        assert_eq!(
+            resolve("./rel/tool", &env, None).unwrap(),
+            Path::new("./rel/tool")
+        );
+        let err = resolve("no-such-tool-4711", &env, None).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotFound);
+        assert!(err.message.contains("/nonexistent:/bin"));
+    }
+
+    #[test]
+    fn missing_working_directory_is_refused() {
+        let err = working_dir("/no/such/dir").unwrap_err();
+        assert_eq!(err.kind, ErrorKind::CwdNotFound);
+        assert!(working_dir("/").is_ok());
+    }
+}
