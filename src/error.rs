@@ -57,7 +57,9 @@ pub enum Error {
         path: PathBuf,
     },
     /// The template's kernel is not a bootable vmlinux.
-    #[error("guest kernel {path} is not usable: {reason}; rebuild the template with guest/build.sh")]
+    #[error(
+        "guest kernel {path} is not usable: {reason}; rebuild the template with guest/build.sh"
+    )]
     InvalidKernel {
         /// The kernel.
         path: PathBuf,

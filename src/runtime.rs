@@ -68,7 +68,8 @@ impl RuntimeBuilder {
         let mut template_dirs = self.template_dirs;
         template_dirs.push(self.dir.join("templates"));
         if let Some(paths) = std::env::var_os(TEMPLATE_PATH_ENV) {
-            template_dirs.extend(std::env::split_paths(&paths).filter(|p| !p.as_os_str().is_empty()));
+            template_dirs
+                .extend(std::env::split_paths(&paths).filter(|p| !p.as_os_str().is_empty()));
         }
         template_dirs.push(default_cache_dir().join("templates"));
         Ok(Runtime {

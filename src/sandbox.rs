@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::agent::{self, AgentError, ExecOutput};
 pub use crate::agent::ExecRequest as Command;
+use crate::agent::{self, AgentError, ExecOutput};
 use crate::disk::CowDisk;
 use crate::error::{ConsoleTail, Error, Result};
 use crate::proto::AGENT_VSOCK_PORT;
@@ -43,7 +43,9 @@ impl SandboxId {
     fn random() -> Result<SandboxId> {
         let mut bytes = [0u8; 10];
         getrandom(&mut bytes)?;
-        Ok(SandboxId(bytes.iter().map(|b| format!("{b:02x}")).collect()))
+        Ok(SandboxId(
+            bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        ))
     }
 
     /// The id as a string.
@@ -283,7 +285,8 @@ impl Sandbox<Running> {
         stream
             .set_nonblocking(true)
             .map_err(Error::io("cannot set the agent connection non-blocking"))?;
-        tokio::net::UnixStream::from_std(stream).map_err(Error::io("cannot register the agent connection"))
+        tokio::net::UnixStream::from_std(stream)
+            .map_err(Error::io("cannot register the agent connection"))
     }
 
     /// Runs `fut` (a request to the agent) unless the guest stops first.
@@ -361,9 +364,7 @@ impl From<ExecOutput> for CommandOutput {
         Self {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            exit_code: out
-                .exit_code
-                .unwrap_or_else(|| 128 + signal.unwrap_or(0)),
+            exit_code: out.exit_code.unwrap_or_else(|| 128 + signal.unwrap_or(0)),
             signal,
         }
     }

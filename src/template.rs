@@ -65,7 +65,9 @@ impl Template {
         for file in [&manifest.kernel, &manifest.rootfs] {
             if file.is_empty() || Path::new(file).components().count() != 1 || file.starts_with('.')
             {
-                return Err(bad(format!("{file:?} must be a plain file name inside the template directory")));
+                return Err(bad(format!(
+                    "{file:?} must be a plain file name inside the template directory"
+                )));
             }
         }
         let template = Template {

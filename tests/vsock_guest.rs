@@ -4,6 +4,10 @@
 //! both ways through a command, more than either side's credit.
 //!
 //! Skips loudly when `/dev/kvm` or the template is missing (fails on CI).
+//! The sandbox tests go through the same path; this one drives the device
+//! directly, with the connector's own errors visible.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,35 +22,15 @@ use dormouse::vmm::{Machine, MachineConfig};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn require(what: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("CI=true but {what}; CI must build and provide everything (run scripts/test)");
-    }
-    eprintln!("\n!!! SKIPPING TEST: {what}; run scripts/test to build the guest image\n");
-}
-
-fn template_dir() -> Option<PathBuf> {
-    let cache = if let Some(dir) = std::env::var_os("DORMOUSE_CACHE") {
-        PathBuf::from(dir)
-    } else if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        PathBuf::from(dir).join("dormouse")
-    } else {
-        let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-        PathBuf::from(home).join(".cache").join("dormouse")
-    };
-    let dir = cache.join("templates").join("python");
-    (dir.join("vmlinux").exists() && dir.join("rootfs.ext4").exists()).then_some(dir)
-}
-
-fn boot(template: &Path, work: &Path) -> (Machine, VsockConnector) {
-    let disk = CowDisk::create(&template.join("rootfs.ext4"), &work.join("disk")).unwrap();
+fn boot((kernel, rootfs): &(PathBuf, PathBuf), work: &Path) -> (Machine, VsockConnector) {
+    let disk = CowDisk::create(rootfs, &work.join("disk")).unwrap();
     let (vsock, connector) = Vsock::new(3).unwrap();
     let devices: Vec<Box<dyn VirtioDevice>> =
         vec![Box::new(Block::new(disk, false).unwrap()), Box::new(vsock)];
     let machine = Machine::boot(MachineConfig {
         // DORMOUSE_TEST_KERNEL overrides the template's kernel (debugging).
         kernel: std::env::var_os("DORMOUSE_TEST_KERNEL")
-            .map_or_else(|| template.join("vmlinux"), PathBuf::from),
+            .map_or_else(|| kernel.clone(), PathBuf::from),
         cmdline: "root=/dev/vda rw init=/sbin/dormouse-agent".into(),
         mem_mib: 512,
         vcpus: 1,
@@ -70,13 +54,12 @@ async fn connect(connector: &VsockConnector) -> Result<tokio::net::UnixStream, V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linux_guest_agent_over_vsock() {
-    if !Path::new("/dev/kvm").exists() {
-        return require("/dev/kvm is missing");
-    }
-    let Some(template) = template_dir() else {
-        return require("the python template is not built");
-    };
     let work = tempfile::tempdir().unwrap();
+    let Some(rt) = common::runtime(work.path()).await else {
+        return;
+    };
+    let template = rt.template(common::TEMPLATE).unwrap();
+    let template = (template.kernel_path(), template.rootfs_path());
     let (machine, connector) = {
         let (t, w) = (template.clone(), work.path().to_owned());
         tokio::task::spawn_blocking(move || boot(&t, &w))

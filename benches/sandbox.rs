@@ -1,0 +1,100 @@
+//! Boot-to-agent-ready and command round-trip times of a real sandbox.
+//!
+//! Run with `cargo bench --bench sandbox` after `guest/build.sh` (the test
+//! command builds it too). The host kind is printed first: on a PVM host the
+//! guest kernel runs emulated (a boot takes about a minute and a round trip
+//! tens of milliseconds); on hardware VT-x / AMD-V a boot must take well
+//! under a second. Compare numbers only between runs on the same host kind.
+//!
+//! `DORMOUSE_BENCH_BOOTS` sets how many boots are timed (default 10, the
+//! fewest criterion accepts).
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use dormouse::{HostKind, Runtime, SandboxConfig};
+
+const TEMPLATE: &str = "python";
+
+fn runtime(tokio_rt: &tokio::runtime::Runtime, state: &std::path::Path) -> Option<Runtime> {
+    let rt = tokio_rt
+        .block_on(Runtime::open(state))
+        .expect("open runtime");
+    match rt.template(TEMPLATE) {
+        Ok(_) => Some(rt),
+        Err(e) => {
+            eprintln!("\n!!! SKIPPING BENCHMARK: {e}\n!!! run guest/build.sh first\n");
+            None
+        }
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let host = HostKind::detect();
+    eprintln!("dormouse benchmarks on host kind: {host}");
+    // Benchmark ids carry the host kind, so results of different kinds are
+    // never compared with each other.
+    let tag = format!("{host:?}").to_lowercase();
+    let tokio_rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let state = tempfile::tempdir().expect("state dir");
+    let Some(rt) = runtime(&tokio_rt, state.path()) else {
+        return;
+    };
+    let boots = std::env::var("DORMOUSE_BENCH_BOOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10usize)
+        .max(10);
+
+    let mut group = c.benchmark_group(format!("sandbox-{tag}"));
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(boots);
+    // One boot per sample: criterion must not try to fit more in.
+    group.measurement_time(Duration::from_secs(1));
+    group.warm_up_time(Duration::from_millis(1));
+    group.bench_function("boot_to_agent_ready", |b| {
+        b.to_async(&tokio_rt).iter_custom(|iters| {
+            let rt = rt.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    let sbx = rt
+                        .create(TEMPLATE, SandboxConfig::default())
+                        .await
+                        .expect("create sandbox");
+                    total += start.elapsed();
+                    sbx.kill().await.expect("kill sandbox");
+                }
+                total
+            }
+        })
+    });
+    group.finish();
+
+    let sbx = tokio_rt
+        .block_on(rt.create(TEMPLATE, SandboxConfig::default()))
+        .expect("create sandbox");
+    let mut group = c.benchmark_group(format!("sandbox-{tag}"));
+    group.sample_size(30);
+    group.measurement_time(Duration::from_secs(20));
+    group.bench_function("command_round_trip_true", |b| {
+        b.to_async(&tokio_rt).iter(|| async {
+            let out = sbx.commands().run("true").await.expect("run");
+            assert_eq!(out.exit_code, 0);
+        })
+    });
+    group.bench_function("command_round_trip_echo_64b", |b| {
+        let line = "x".repeat(64);
+        let cmd = format!("echo {line}");
+        b.to_async(&tokio_rt).iter(|| async {
+            let out = sbx.commands().run(&cmd).await.expect("run");
+            assert_eq!(out.stdout.len(), 65);
+        })
+    });
+    group.finish();
+    tokio_rt.block_on(sbx.kill()).expect("kill sandbox");
+}
+
+criterion_group!(sandbox, benches);
+criterion_main!(sandbox);
