@@ -117,6 +117,30 @@ pub enum Error {
     /// The sandbox's disk could not be set up.
     #[error("sandbox disk: {0}")]
     Disk(#[from] crate::disk::DiskError),
+    /// The sandbox's snapshot files are damaged, foreign, or unreadable.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The sandbox exists but is not paused (it runs, in this process or
+    /// another one, or that process died while it ran).
+    #[error("sandbox {id} is not paused: it is running (use its Sandbox handle), or the process running it died (then kill it)")]
+    NotPaused {
+        /// The id.
+        id: String,
+    },
+    /// Another handle (in this process or another one) holds the sandbox.
+    #[error("sandbox {id} is in use by another handle or process; drop that handle first")]
+    Busy {
+        /// The id.
+        id: String,
+    },
+    /// The snapshot cannot resume with what this runtime has.
+    #[error("sandbox {id} cannot be resumed here: {reason}")]
+    Incompatible {
+        /// The id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
     /// A file operation on the host failed.
     #[error("{what}: {source}")]
     Io {

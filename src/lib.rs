@@ -27,6 +27,7 @@ pub mod agent;
 pub mod disk;
 mod error;
 pub mod proto;
+pub mod snapshot;
 mod runtime;
 mod sandbox;
 pub mod template;
@@ -34,5 +35,8 @@ pub mod vmm;
 
 pub use error::{ConsoleTail, Error, Result};
 pub use runtime::{default_cache_dir, Runtime, RuntimeBuilder};
-pub use sandbox::{Command, CommandOutput, Commands, Running, Sandbox, SandboxConfig, SandboxId};
+pub use sandbox::{
+    Command, CommandOutput, Commands, PauseError, Paused, ResumeError, Running, Sandbox,
+    SandboxConfig, SandboxId,
+};
 pub use vmm::cpu::HostKind;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::sandbox::{Running, Sandbox, SandboxConfig};
+use crate::sandbox::{Paused, Running, Sandbox, SandboxConfig};
 use crate::template::Template;
 use crate::vmm::cpu::HostKind;
 
@@ -104,6 +104,28 @@ fn valid_name(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
+impl RuntimeInner {
+    /// Finds the template `name` in the template directories.
+    pub(crate) fn template(&self, name: &str) -> Result<Template> {
+        if !valid_name(name) {
+            return Err(Error::TemplateNotFound {
+                name: name.to_owned(),
+                searched: Vec::new(),
+            });
+        }
+        for dir in &self.template_dirs {
+            let candidate = dir.join(name);
+            if candidate.join(crate::template::MANIFEST).exists() {
+                return Template::load(&candidate);
+            }
+        }
+        Err(Error::TemplateNotFound {
+            name: name.to_owned(),
+            searched: self.template_dirs.clone(),
+        })
+    }
+}
+
 impl Runtime {
     /// Opens (creating if needed) the runtime state directory `dir` with
     /// default options.
@@ -138,39 +160,48 @@ impl Runtime {
 
     /// Finds and validates the template `name`.
     pub fn template(&self, name: &str) -> Result<Template> {
-        if !valid_name(name) {
-            return Err(Error::TemplateNotFound {
-                name: name.to_owned(),
-                searched: Vec::new(),
-            });
-        }
-        for dir in &self.inner.template_dirs {
-            let candidate = dir.join(name);
-            if candidate.join(crate::template::MANIFEST).exists() {
-                return Template::load(&candidate);
-            }
-        }
-        Err(Error::TemplateNotFound {
-            name: name.to_owned(),
-            searched: self.inner.template_dirs.clone(),
-        })
+        self.inner.template(name)
     }
 
-    /// Creates a sandbox from the template `template`: boots its kernel with
-    /// its root filesystem behind a private copy-on-write overlay and waits
-    /// until the guest agent answers.
-    ///
-    /// ```no_run
-    /// # async fn demo(rt: dormouse::Runtime) -> dormouse::Result<()> {
-    /// let sbx = rt.create("python", dormouse::SandboxConfig::default()).await?;
-    /// let out = sbx.commands().run("echo hello").await?;
-    /// assert_eq!(out.stdout, "hello\n");
-    /// sbx.kill().await?;
-    /// # Ok(()) }
-    /// ```
     pub async fn create(&self, template: &str, config: SandboxConfig) -> Result<Sandbox<Running>> {
         let template = self.template(template)?;
         Sandbox::boot(self.inner.clone(), template, config).await
+    }
+
+    /// Resumes the paused sandbox `id` (paused by this process or another
+    /// one, before or after a restart).
+    ///
+    /// Gives [`Error::NotFound`] for an unknown or killed id,
+    /// [`Error::NotPaused`] for one that is running, [`Error::Busy`] while
+    /// another handle holds it.
+    ///
+    /// ```no_run
+    /// # async fn demo(rt: dormouse::Runtime, id: &str) -> dormouse::Result<()> {
+    /// let sbx = rt.connect(id).await?;
+    /// let out = sbx.commands().run("cat /tmp/state").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(&self, id: &str) -> Result<Sandbox<Running>> {
+        Ok(self.paused(id).await?.resume().await?)
+    }
+
+    /// A handle on the paused sandbox `id`, without resuming it.
+    pub async fn paused(&self, id: &str) -> Result<Sandbox<Paused>> {
+        let rt = self.inner.clone();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || Sandbox::open(rt, &id))
+            .await
+            .map_err(|e| Error::Io {
+                what: "the open task failed".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+
+    /// Deletes the paused sandbox `id` and all its files. A running sandbox
+    /// is killed through its handle ([`Sandbox::kill`]); this gives
+    /// [`Error::Busy`] for it.
+    pub async fn kill(&self, id: &str) -> Result<()> {
+        self.paused(id).await?.kill().await
     }
 }
 

@@ -2,11 +2,14 @@
 //! disk, and the guest agent it talks to over vsock.
 //!
 //! `Sandbox<S>` is type-state: `Sandbox<Running>` has the operations that
-//! need a running guest. (`Paused` arrives with pause/resume.)
+//! need a running guest, `Sandbox<Paused>` the ones on a sandbox whose whole
+//! state is in files (see [`crate::snapshot`]).
 
+use std::fs::File;
 use std::marker::PhantomData;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use crate::agent::ExecRequest as Command;
@@ -15,12 +18,13 @@ use crate::disk::CowDisk;
 use crate::error::{ConsoleTail, Error, Result};
 use crate::proto::AGENT_VSOCK_PORT;
 use crate::runtime::RuntimeInner;
+use crate::snapshot::{self, SandboxRecord};
 use crate::template::Template;
 use crate::vmm::devices::virtio::block::Block;
 use crate::vmm::devices::virtio::vsock::{Vsock, VsockConnector};
 use crate::vmm::devices::virtio::VirtioDevice;
 use crate::vmm::vcpu::GuestStop;
-use crate::vmm::{Machine, MachineConfig};
+use crate::vmm::{memory, Machine, MachineConfig, RestoreConfig};
 
 /// The guest CID of every sandbox (each has its own vsock device).
 const GUEST_CID: u64 = 3;
@@ -30,10 +34,19 @@ const READY_POLL: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a running request checks that the guest is still alive.
 const LIVENESS_POLL: Duration = Duration::from_millis(200);
+/// How long a resumed guest may take to answer its agent again.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
+/// The lock file every live handle of a sandbox holds (`flock`).
+const LOCK_FILE: &str = "lock";
 
 /// Type-state marker: the sandbox's guest is running.
 #[derive(Debug)]
 pub enum Running {}
+
+/// Type-state marker: the sandbox is paused; its whole state is in files
+/// and it uses no memory or CPU.
+#[derive(Debug)]
+pub enum Paused {}
 
 /// A sandbox's id: 20 lowercase hex characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,6 +64,12 @@ impl SandboxId {
     /// The id as a string.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Parses an id; `None` if it is not one (so it cannot name a path).
+    pub fn parse(s: &str) -> Option<SandboxId> {
+        (s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            .then(|| SandboxId(s.to_owned()))
     }
 }
 
@@ -125,9 +144,22 @@ pub struct Sandbox<S> {
 struct SandboxInner {
     id: SandboxId,
     dir: PathBuf,
-    template: String,
+    rt: Arc<RuntimeInner>,
+    record: SandboxRecord,
+    /// The template's root filesystem image, under the disk overlay.
+    rootfs: PathBuf,
+    /// Set while running.
     machine: Option<Machine>,
-    vsock: VsockConnector,
+    /// The disk overlay, shared with the block device; set while running.
+    disk: Option<Arc<Mutex<CowDisk>>>,
+    /// Connections to the guest; set while running.
+    vsock: Option<VsockConnector>,
+    /// `flock` on the lock file: one live handle per sandbox, across
+    /// processes. Released with the handle.
+    _lock: File,
+    /// Whether dropping the handle deletes the sandbox's files (true while
+    /// running: an abandoned running sandbox is killed).
+    delete_on_drop: bool,
 }
 
 impl Drop for SandboxInner {
@@ -135,11 +167,108 @@ impl Drop for SandboxInner {
         if let Some(mut machine) = self.machine.take() {
             machine.stop();
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                log::warn!("cannot remove {}: {e}", self.dir.display());
+        if self.delete_on_drop {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("cannot remove {}: {e}", self.dir.display());
+                }
             }
         }
+    }
+}
+
+/// Takes the sandbox's lock, or says who has it.
+fn lock_sandbox(dir: &Path, id: &SandboxId) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(Error::io(format!("cannot open {}", path.display())))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::Busy {
+                id: id.to_string(),
+            });
+        }
+        return Err(Error::Io {
+            what: format!("cannot lock {}", path.display()),
+            source: err,
+        });
+    }
+    Ok(file)
+}
+
+/// Why a pause failed, with the sandbox, still running.
+///
+/// Converting it into an [`Error`] (e.g. with `?`) drops the sandbox, which
+/// kills it; keep [`PauseError::sandbox`] to go on using it.
+#[derive(Debug)]
+pub struct PauseError {
+    /// The sandbox, running as before.
+    pub sandbox: Sandbox<Running>,
+    /// What went wrong.
+    pub error: Error,
+}
+
+/// Why a resume failed, with the sandbox, still paused and resumable.
+#[derive(Debug)]
+pub struct ResumeError {
+    /// The sandbox, paused. If the restored guest ran but did not answer,
+    /// it was paused again as it was then. `None` only if it could not
+    /// even be paused again; then it was killed.
+    pub sandbox: Option<Sandbox<Paused>>,
+    /// What went wrong.
+    pub error: Error,
+}
+
+impl std::fmt::Display for PauseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot pause sandbox {}: {}", self.sandbox.id(), self.error)
+    }
+}
+
+impl std::fmt::Display for ResumeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.sandbox {
+            Some(sandbox) => write!(f, "cannot resume sandbox {}: {}", sandbox.id(), self.error),
+            None => write!(f, "cannot resume the sandbox (it was killed): {}", self.error),
+        }
+    }
+}
+
+impl std::error::Error for PauseError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl std::error::Error for ResumeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<PauseError> for Error {
+    fn from(e: PauseError) -> Error {
+        e.error
+    }
+}
+
+impl From<ResumeError> for Error {
+    fn from(e: ResumeError) -> Error {
+        e.error
+    }
+}
+
+fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
+    Error::Io {
+        what: format!("the {what} task failed"),
+        source: std::io::Error::other(e.to_string()),
     }
 }
 
@@ -147,7 +276,7 @@ impl<S> std::fmt::Debug for Sandbox<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sandbox")
             .field("id", &self.inner.id)
-            .field("template", &self.inner.template)
+            .field("template", &self.inner.record.template)
             .finish()
     }
 }
@@ -160,7 +289,7 @@ impl<S> Sandbox<S> {
 
     /// The template it was created from.
     pub fn template(&self) -> &str {
-        &self.inner.template
+        &self.inner.record.template
     }
 
     /// The directory holding the sandbox's files (console log, disk overlay).
@@ -190,9 +319,10 @@ impl Sandbox<Running> {
         let overlay = dir.join("disk");
         let console_log = dir.join("console.log");
         let kvm_path = rt.kvm_path.clone();
-        let booted = tokio::task::spawn_blocking(move || -> Result<(Machine, VsockConnector)> {
+        let booted = tokio::task::spawn_blocking(move || -> Result<_> {
             let disk = CowDisk::create(&rootfs, &overlay)?;
             let block = Block::new(disk, false).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+            let disk = block.disk();
             let (vsock, connector) =
                 Vsock::new(GUEST_CID).map_err(|e| Error::InvalidConfig(e.to_string()))?;
             let devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(block), Box::new(vsock)];
@@ -205,21 +335,35 @@ impl Sandbox<Running> {
                 console_log,
                 devices,
             })?;
-            Ok((machine, connector))
+            Ok((machine, connector, disk))
         })
         .await
         .map_err(|e| Error::Io {
             what: "the boot task failed".into(),
             source: std::io::Error::other(e.to_string()),
         })??;
-        let (machine, vsock) = booted;
+        let (machine, vsock, disk) = booted;
+        let lock = lock_sandbox(&dir, &id)?;
+        let record = SandboxRecord {
+            id: id.to_string(),
+            template: template.manifest.name.clone(),
+            kernel_hash: template.manifest.kernel_hash.clone(),
+            rootfs_hash: template.manifest.rootfs_hash.clone(),
+            mem_mib,
+            vcpus,
+        };
         let mut sandbox = Sandbox {
             inner: SandboxInner {
                 id,
                 dir,
-                template: template.manifest.name.clone(),
+                rt,
+                record,
+                rootfs: template.rootfs_path(),
                 machine: Some(machine),
-                vsock,
+                disk: Some(disk),
+                vsock: Some(vsock),
+                _lock: lock,
+                delete_on_drop: true,
             },
             _state: PhantomData,
         };
@@ -272,7 +416,12 @@ impl Sandbox<Running> {
 
     /// A new connection to the guest agent.
     async fn connect_agent(&self) -> Result<tokio::net::UnixStream> {
-        let connector = self.inner.vsock.clone();
+        // Invariant: a Sandbox<Running> always has its vsock connector.
+        let connector = self
+            .inner
+            .vsock
+            .clone()
+            .expect("a running sandbox has a vsock connector");
         let stream = tokio::task::spawn_blocking(move || {
             connector.connect(AGENT_VSOCK_PORT, CONNECT_TIMEOUT)
         })
@@ -315,22 +464,274 @@ impl Sandbox<Running> {
     /// Stops the guest and deletes every file of the sandbox. Permanent.
     pub async fn kill(mut self) -> Result<()> {
         let machine = self.inner.machine.take();
+        kill_files(self, machine).await
+    }
+
+    /// Pauses the sandbox: stops the guest (no cooperation from it needed),
+    /// writes its memory, vCPU and device state next to its disk overlay,
+    /// makes all of it durable and releases the guest's memory and threads.
+    /// The sandbox can then be resumed with [`Sandbox::resume`], or by id
+    /// with [`Runtime::connect`](crate::Runtime::connect), also from another
+    /// process.
+    ///
+    /// Written is every page the guest ever touched (all-zero pages are
+    /// left as holes). On failure the sandbox is handed back running.
+    ///
+    /// ```no_run
+    /// # async fn demo(sbx: dormouse::Sandbox<dormouse::Running>) -> dormouse::Result<()> {
+    /// let paused = sbx.pause().await?;
+    /// let sbx = paused.resume().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn pause(mut self) -> std::result::Result<Sandbox<Paused>, PauseError> {
+        let Some(mut machine) = self.inner.machine.take() else {
+            unreachable!("a running sandbox has a machine");
+        };
+        // Should this future be dropped halfway, the pause still completes
+        // (or fails) on its thread; the files must stay for that.
+        self.inner.delete_on_drop = false;
         let dir = self.inner.dir.clone();
-        tokio::task::spawn_blocking(move || {
-            drop(machine);
-            match std::fs::remove_dir_all(&dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
-                    what: format!("cannot delete {}", dir.display()),
-                    source: e,
+        let record = self.inner.record.clone();
+        let disk = self.inner.disk.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let state = match machine.pause() {
+                Ok(state) => state,
+                Err(e) => return (machine, Err(Error::from(e))),
+            };
+            let flush = || {
+                let Some(disk) = &disk else { return Ok(()) };
+                disk.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .flush()
+                    .map_err(|e| snapshot::SnapshotError::Io {
+                        what: "flush the disk overlay",
+                        path: dir.join("disk"),
+                        source: std::io::Error::other(e),
+                    })
+            };
+            let written = snapshot::write(&dir, &record, &state, machine.memory(), flush);
+            match written {
+                Ok((manifest, stats)) => {
+                    log::debug!(
+                        "paused sandbox {}: generation {}, {} of {} bytes of memory written",
+                        record.id,
+                        manifest.generation,
+                        stats.written,
+                        stats.total
+                    );
+                    (machine, Ok(()))
+                }
+                Err(e) => {
+                    if let Err(resume) = machine.resume() {
+                        log::error!("the sandbox could not run on after a failed pause: {resume}");
+                    }
+                    (machine, Err(Error::from(e)))
+                }
+            }
+        });
+        match task.await {
+            Ok((machine, Ok(()))) => {
+                // Releases guest memory, vCPU and device threads now.
+                drop(machine);
+                self.inner.disk = None;
+                self.inner.vsock = None;
+                Ok(Sandbox {
+                    inner: self.inner,
+                    _state: PhantomData,
+                })
+            }
+            Ok((machine, Err(error))) => {
+                self.inner.machine = Some(machine);
+                self.inner.delete_on_drop = true;
+                Err(PauseError {
+                    sandbox: self,
+                    error,
+                })
+            }
+            // A panic on the pause thread is a bug: pass it on.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+/// Stops `machine` and deletes the sandbox's files.
+async fn kill_files<S>(mut sandbox: Sandbox<S>, machine: Option<Machine>) -> Result<()> {
+    let dir = sandbox.inner.dir.clone();
+    // The files are deleted here, and errors reported, rather than in Drop.
+    sandbox.inner.delete_on_drop = false;
+    tokio::task::spawn_blocking(move || {
+        drop(machine);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+                what: format!("cannot delete {}", dir.display()),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    })
+    .await
+    .map_err(|e| join_error("kill", e))?
+}
+
+impl Sandbox<Paused> {
+    /// A handle on the paused sandbox `id` of the runtime.
+    pub(crate) fn open(rt: Arc<RuntimeInner>, id: &str) -> Result<Sandbox<Paused>> {
+        let not_found = || Error::NotFound { id: id.to_owned() };
+        let id = SandboxId::parse(id).ok_or_else(not_found)?;
+        let dir = rt.dir.join("sandboxes").join(id.as_str());
+        if !dir.is_dir() {
+            return Err(not_found());
+        }
+        let lock = lock_sandbox(&dir, &id)?;
+        if !snapshot::exists(&dir) {
+            return Err(Error::NotPaused { id: id.to_string() });
+        }
+        let manifest = snapshot::read_manifest(&dir)?;
+        if manifest.sandbox.id != id.as_str() {
+            return Err(Error::Incompatible {
+                id: id.to_string(),
+                reason: format!(
+                    "its snapshot belongs to sandbox {}",
+                    manifest.sandbox.id
+                ),
+            });
+        }
+        let template = rt.template(&manifest.sandbox.template)?;
+        if template.manifest.rootfs_hash != manifest.sandbox.rootfs_hash {
+            return Err(Error::Incompatible {
+                id: id.to_string(),
+                reason: format!(
+                    "template {:?} was rebuilt since the sandbox was created (root filesystem {} then, {} now); its disk overlay only fits the old image",
+                    template.manifest.name, manifest.sandbox.rootfs_hash, template.manifest.rootfs_hash
+                ),
+            });
+        }
+        Ok(Sandbox {
+            inner: SandboxInner {
+                id,
+                dir,
+                rt,
+                record: manifest.sandbox,
+                rootfs: template.rootfs_path(),
+                machine: None,
+                disk: None,
+                vsock: None,
+                _lock: lock,
+                delete_on_drop: false,
+            },
+            _state: PhantomData,
+        })
+    }
+
+    /// Deletes every file of the sandbox. Permanent.
+    pub async fn kill(self) -> Result<()> {
+        kill_files(self, None).await
+    }
+
+    /// Resumes the sandbox where it was paused: every process, open file
+    /// and in-memory variable as it was. Memory is mapped from the snapshot
+    /// and loads lazily. Connections to the guest open before the pause
+    /// were reset; new ones work as before. On failure the sandbox is
+    /// handed back, still paused and resumable.
+    pub async fn resume(mut self) -> std::result::Result<Sandbox<Running>, ResumeError> {
+        match self.restore().await {
+            Ok(()) => {}
+            Err(error) => {
+                return Err(ResumeError {
+                    sandbox: Some(self),
+                    error,
+                })
+            }
+        }
+        let mut running = Sandbox::<Running> {
+            inner: self.inner,
+            _state: PhantomData,
+        };
+        running.inner.delete_on_drop = true;
+        match running.wait_for_agent(RESUME_TIMEOUT).await {
+            Ok(()) => Ok(running),
+            // The guest ran (and may have written to its disk), so the old
+            // snapshot no longer matches: pause it again, as it is now.
+            Err(error) => match running.pause().await {
+                Ok(paused) => Err(ResumeError {
+                    sandbox: Some(paused),
+                    error,
                 }),
-                _ => Ok(()),
+                Err(again) => {
+                    log::error!("the resumed sandbox neither answered nor paused again: {again}");
+                    Err(ResumeError {
+                        sandbox: None,
+                        error,
+                    })
+                }
+            },
+        }
+    }
+
+    /// Builds the machine from the snapshot; the manifest is removed once
+    /// the guest may run (its disk writes would no longer match the
+    /// snapshot) and put back if the restore fails.
+    async fn restore(&mut self) -> Result<()> {
+        let dir = self.inner.dir.clone();
+        let rootfs = self.inner.rootfs.clone();
+        let kvm_path = self.inner.rt.kvm_path.clone();
+        let id = self.inner.id.to_string();
+        let restored = tokio::task::spawn_blocking(move || -> Result<_> {
+            let (manifest, state, memory_file) = snapshot::read(&dir)?;
+            if manifest.sandbox.id != id {
+                return Err(Error::Incompatible {
+                    id,
+                    reason: format!("its snapshot belongs to sandbox {}", manifest.sandbox.id),
+                });
+            }
+            let memory = memory::map_file(&memory_file, manifest.memory_len).map_err(|reason| {
+                snapshot::SnapshotError::Corrupt {
+                    path: dir.join(&manifest.memory_file),
+                    reason,
+                }
+            })?;
+            let disk = CowDisk::open(&rootfs, &dir.join("disk"))?;
+            let block = Block::new(disk, false).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+            let disk = block.disk();
+            let (vsock, connector) =
+                Vsock::new(GUEST_CID).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+            // The guest's connections refer to host ends that are gone.
+            vsock.send_transport_reset();
+            let devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(block), Box::new(vsock)];
+            let manifest_path = dir.join(snapshot::MANIFEST);
+            let parked = dir.join(format!("{}.resumed", snapshot::MANIFEST));
+            std::fs::rename(&manifest_path, &parked)
+                .map_err(Error::io(format!("cannot retire {}", manifest_path.display())))?;
+            let machine = Machine::restore(
+                RestoreConfig {
+                    kvm_path,
+                    console_log: dir.join("console.log"),
+                    devices,
+                    memory,
+                },
+                &state,
+            );
+            match machine {
+                Ok(machine) => {
+                    let _ = std::fs::remove_file(&parked);
+                    Ok((machine, connector, disk))
+                }
+                Err(e) => {
+                    // Nothing ran: the snapshot is still whole.
+                    if let Err(undo) = std::fs::rename(&parked, &manifest_path) {
+                        log::error!("cannot put back {}: {undo}", manifest_path.display());
+                    }
+                    Err(Error::from(e))
+                }
             }
         })
         .await
-        .map_err(|e| Error::Io {
-            what: "the kill task failed".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?
+        .map_err(|e| join_error("resume", e))??;
+        let (machine, connector, disk) = restored;
+        self.inner.machine = Some(machine);
+        self.inner.vsock = Some(connector);
+        self.inner.disk = Some(disk);
+        Ok(())
     }
 }
 

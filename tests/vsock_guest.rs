@@ -153,6 +153,7 @@ async fn linux_guest_agent_over_vsock() {
 s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n\
 s.bind((socket.VMADDR_CID_ANY, 5000))\n\
 s.listen(4)\n\
+print('listening', flush=True)\n\
 while True:\n\
     c, _ = s.accept()\n\
     while True:\n\
@@ -179,10 +180,18 @@ while True:\n\
             .unwrap()
         {
             Ok(s) => break s,
-            Err(VsockError::ConnectionRefused { .. }) if t.elapsed() < Duration::from_secs(120) => {
+            Err(VsockError::ConnectionRefused { .. }) if t.elapsed() < Duration::from_secs(300) => {
                 tokio::time::sleep(Duration::from_millis(500)).await
             }
-            Err(e) => panic!("echo server: {e}"),
+            Err(e) => {
+                let log = agent::exec(
+                    connect(&connector).await.unwrap(),
+                    ExecRequest::shell("cat /tmp/echo.log; ps -ef 2>&1 | tail -5"),
+                )
+                .await
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+                panic!("echo server after {:.1?}: {e}; its log: {log:?}", t.elapsed())
+            }
         }
     };
     eprintln!("echo server up after {:.1?}", t.elapsed());

@@ -27,6 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use meta::Meta;
+pub(crate) use meta::crc32;
 
 /// The copy-on-write granularity, in bytes.
 pub const BLOCK_SIZE: u64 = 4096;

@@ -41,6 +41,13 @@ pub enum BootError {
     /// The command line is invalid or too long.
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
+    /// The host's random number source could not be read.
+    #[error("cannot read /dev/urandom for the guest's RNG seed: {source}")]
+    Entropy {
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Writing boot structures into guest memory failed (memory too small?).
     #[error("cannot write boot data into guest memory (is the memory size too small?): {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
@@ -111,6 +118,7 @@ pub fn write_boot_params(mem: &GuestMemory, cmdline: &Cmdline) -> Result<(), Boo
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = bytes.len() as u32;
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+    params.hdr.setup_data = write_rng_seed(mem)?;
 
     let mut e820 = vec![(0u64, EBDA_START)];
     let last_addr = mem.last_addr().0 + 1;
@@ -134,6 +142,32 @@ pub fn write_boot_params(mem: &GuestMemory, cmdline: &Cmdline) -> Result<(), Boo
     params.e820_entries = e820.len() as u8;
     mem.write_obj(BootParams(params), GuestAddress(ZERO_PAGE_START))?;
     Ok(())
+}
+
+/// `SETUP_RNG_SEED` (arch/x86/include/uapi/asm/bootparam.h).
+const SETUP_RNG_SEED: u32 = 9;
+/// Bytes of seed handed to the guest.
+const RNG_SEED_LEN: usize = 32;
+
+/// Writes a `setup_data` node with a seed for the guest's RNG from the
+/// host's and returns its address. With `random.trust_bootloader=on` the
+/// guest's CRNG is ready at once; without a seed it waits for entropy it
+/// gathers itself, which takes over a minute when kernel code is emulated
+/// (PVM), and every program calling `getrandom()` (Python does at start)
+/// blocks until then.
+fn write_rng_seed(mem: &GuestMemory) -> Result<u64, BootError> {
+    let mut seed = [0u8; RNG_SEED_LEN];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        .map_err(|source| BootError::Entropy { source })?;
+    // struct setup_data { u64 next; u32 type; u32 len; u8 data[]; }
+    let mut node = Vec::with_capacity(16 + RNG_SEED_LEN);
+    node.extend_from_slice(&0u64.to_le_bytes());
+    node.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
+    node.extend_from_slice(&(RNG_SEED_LEN as u32).to_le_bytes());
+    node.extend_from_slice(&seed);
+    mem.write_slice(&node, GuestAddress(SETUP_DATA_START))?;
+    Ok(SETUP_DATA_START)
 }
 
 /// A GDT entry from flags, base and limit (as in the Intel SDM, vol. 3, 3.4.5).

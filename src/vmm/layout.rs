@@ -30,6 +30,8 @@ pub const PDE_START: u64 = 0xb000;
 pub const CMDLINE_START: u64 = 0x20000;
 /// Largest command line we pass (the kernel's COMMAND_LINE_SIZE on x86).
 pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// The boot protocol's `setup_data` list (an RNG seed), after the command line.
+pub const SETUP_DATA_START: u64 = CMDLINE_START + CMDLINE_MAX_SIZE as u64;
 /// Start of the extended BIOS data area; the MP table lives here.
 pub const EBDA_START: u64 = 0x9fc00;
 /// The first byte of "high" memory, where kernels load.

@@ -5,15 +5,19 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_lapic_state;
 use kvm_ioctls::VcpuFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::cpu::{self, HostKind};
 use super::devices::bus::{DeviceManager, MmioSlot};
-use super::devices::serial::{new_serial, Console};
-use super::devices::virtio::mmio::{MmioTransport, MMIO_DEVICE_SIZE, MMIO_NOTIFY_OFFSET};
+use super::devices::serial::{new_serial, restore_serial, Console, SerialSnapshot};
+use super::devices::virtio::mmio::{
+    MmioSnapshot, MmioTransport, MMIO_DEVICE_SIZE, MMIO_NOTIFY_OFFSET,
+};
 use super::devices::virtio::{IrqTrigger, VirtioDevice};
 use super::layout::{COM1_IRQ, IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_BASE};
+use super::state::{self, StateError, VcpuState, VmState};
 use super::vcpu::{GuestStop, VcpuShared, VcpuThread};
-use super::vm::{Vm, VmError};
+use super::vm::{open_kvm, Vm, VmError};
 use super::{boot, memory, mptable};
 
 /// What to boot.
@@ -66,6 +70,15 @@ pub enum MachineError {
     /// A device could not be set up.
     #[error("cannot set up a device: {0}")]
     Device(String),
+    /// Saving or restoring KVM state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The guest stopped by itself (so it cannot be paused or resumed).
+    #[error("the guest is not running: {0}")]
+    Stopped(GuestStop),
+    /// A saved machine state does not fit this host or configuration.
+    #[error("cannot restore the machine: {0}")]
+    Incompatible(String),
     /// A file or thread could not be created.
     #[error("{what}: {source}")]
     Io {
@@ -77,10 +90,44 @@ pub enum MachineError {
     },
 }
 
+/// What to restore a saved machine with: the same kind of devices, in the
+/// same order, as the machine that was saved had, and its memory.
+pub struct RestoreConfig {
+    /// The KVM device, normally `/dev/kvm`.
+    pub kvm_path: PathBuf,
+    /// Where the serial console is appended.
+    pub console_log: PathBuf,
+    /// Virtio devices, as at boot (same types, same order).
+    pub devices: Vec<Box<dyn VirtioDevice>>,
+    /// Guest memory holding the saved contents (e.g. a private mapping of a
+    /// snapshot file).
+    pub memory: memory::GuestMemory,
+}
+
+/// Everything of a paused machine except guest memory and disk contents:
+/// a plain, serialisable struct.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    /// The host kind it ran on; it resumes only on the same kind.
+    pub host: HostKind,
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// The VM-wide KVM state.
+    pub vm: VmState,
+    /// One entry per vCPU, in order.
+    pub vcpus: Vec<VcpuState>,
+    /// COM1.
+    pub serial: SerialSnapshot,
+    /// One entry per virtio device, in order.
+    pub devices: Vec<MmioSnapshot>,
+}
+
 /// A running microVM. Dropping it stops the vCPUs, joins every thread and
 /// releases guest memory and all file descriptors.
 pub struct Machine {
     vcpus: Vec<VcpuThread>,
+    /// vCPUs taken back from their threads by [`Machine::pause`].
+    parked: Vec<VcpuFd>,
     shared: Arc<VcpuShared>,
     bus: Arc<DeviceManager>,
     console: Console,
@@ -145,24 +192,14 @@ impl Machine {
             "panic=-1".to_owned(),
             "i8042.noaux".to_owned(),
             "i8042.nokbd".to_owned(),
+            // The VMM hands the guest an RNG seed (boot::write_rng_seed).
+            "random.trust_bootloader=on".to_owned(),
             host.kernel_params().to_owned(),
         ];
-        let mut slots = Vec::new();
-        for (i, device) in config.devices.into_iter().enumerate() {
-            let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_DEVICE_SIZE;
-            let gsi = IRQ_BASE + i as u32;
-            let irq = Arc::new(IrqTrigger::new(vm.irqfd(gsi)?));
-            let transport = MmioTransport::new(device, vm.memory().clone(), irq)
-                .map_err(|e| MachineError::Device(e.to_string()))?;
-            for (queue, evt) in transport.queue_evts().iter().enumerate() {
-                vm.ioeventfd(evt, base + MMIO_NOTIFY_OFFSET, queue as u32)?;
-            }
-            cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
-            slots.push(MmioSlot {
-                base,
-                size: MMIO_DEVICE_SIZE,
-                transport: Mutex::new(transport),
-            });
+        let slots = attach_devices(&vm, config.devices, None)?;
+        for slot in &slots {
+            let gsi = IRQ_BASE + ((slot.base - VIRTIO_MMIO_BASE) / MMIO_DEVICE_SIZE) as u32;
+            cmdline.push(format!("virtio_mmio.device=4K@{:#x}:{gsi}", slot.base));
         }
         cmdline.push(config.cmdline);
         let parts: Vec<&str> = cmdline.iter().map(String::as_str).collect();
@@ -181,21 +218,172 @@ impl Machine {
         let shared = VcpuShared::new(host, console.clone());
         let mut machine = Machine {
             vcpus: Vec::new(),
+            parked: Vec::new(),
             shared,
             bus,
             console,
             host,
             vm,
         };
-        for (index, fd) in fds.into_iter().enumerate() {
-            let thread =
-                VcpuThread::spawn(index as u8, fd, machine.bus.clone(), machine.shared.clone())
-                    .map_err(|source| MachineError::Io {
-                        what: format!("cannot start the thread of vCPU {index}"),
-                        source,
-                    })?;
-            machine.vcpus.push(thread);
+        machine.parked = fds;
+        machine.start_vcpus()?;
+        Ok(machine)
+    }
+
+    /// Starts a thread for every parked vCPU.
+    fn start_vcpus(&mut self) -> Result<(), MachineError> {
+        for (index, fd) in std::mem::take(&mut self.parked).into_iter().enumerate() {
+            let thread = VcpuThread::spawn(index as u8, fd, self.bus.clone(), self.shared.clone())
+                .map_err(|source| MachineError::Io {
+                    what: format!("cannot start the thread of vCPU {index}"),
+                    source,
+                })?;
+            self.vcpus.push(thread);
         }
+        Ok(())
+    }
+
+    /// Stops the vCPUs and the devices and returns the machine's state.
+    /// Guest memory is then at rest: save it now (see [`Machine::memory`]).
+    /// Afterwards either [`resume`](Self::resume) it or drop it. Needs no
+    /// cooperation from the guest.
+    pub fn pause(&mut self) -> Result<MachineState, MachineError> {
+        if let Some(reason) = self.stop_reason() {
+            return Err(MachineError::Stopped(reason));
+        }
+        if self.parked.is_empty() {
+            self.shared.request_stop();
+            for vcpu in self.vcpus.drain(..) {
+                match vcpu.join() {
+                    Some(fd) => self.parked.push(fd),
+                    None => {
+                        return Err(MachineError::Stopped(GuestStop::VcpuFault {
+                            vcpu: self.parked.len() as u8,
+                            reason: "the vCPU thread panicked".into(),
+                        }))
+                    }
+                }
+            }
+            self.shared.clear_threads();
+        }
+        if let Some(reason) = self.stop_reason() {
+            return Err(MachineError::Stopped(reason));
+        }
+        let devices = self
+            .bus
+            .mmio_slots()
+            .iter()
+            .map(|slot| {
+                slot.transport
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .pause()
+            })
+            .collect();
+        let kvm = self.vm.kvm();
+        let msrs = state::saveable_msrs(kvm)?;
+        let vcpus = self
+            .parked
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| state::save_vcpu(kvm, i as u8, fd, &msrs))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MachineState {
+            host: self.host,
+            mem_size: self.vm.memory().iter().map(|r| r.len()).sum(),
+            vm: state::save_vm(self.vm.fd())?,
+            vcpus,
+            serial: self.bus.serial_state(),
+            devices,
+        })
+    }
+
+    /// Lets a machine stopped by [`pause`](Self::pause) run on.
+    pub fn resume(&mut self) -> Result<(), MachineError> {
+        if self.parked.is_empty() {
+            return Ok(());
+        }
+        if !self.shared.clear_stop() {
+            return Err(MachineError::Stopped(
+                self.stop_reason().unwrap_or(GuestStop::Shutdown),
+            ));
+        }
+        for slot in self.bus.mmio_slots() {
+            slot.transport
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .resume();
+        }
+        self.start_vcpus()
+    }
+
+    /// Creates a machine from a saved state and starts its vCPUs.
+    pub fn restore(config: RestoreConfig, saved: &MachineState) -> Result<Machine, MachineError> {
+        let host = HostKind::detect();
+        if host != saved.host {
+            return Err(MachineError::Incompatible(format!(
+                "it was saved on a {} host, this one is {host}",
+                saved.host
+            )));
+        }
+        let mem_size: u64 = config.memory.iter().map(|r| r.len()).sum();
+        if mem_size != saved.mem_size {
+            return Err(MachineError::Incompatible(format!(
+                "{mem_size} bytes of memory given, {} saved",
+                saved.mem_size
+            )));
+        }
+        if saved.vcpus.is_empty() || saved.vcpus.len() > usize::from(mptable::MAX_CPUS) {
+            return Err(MachineError::Incompatible(format!(
+                "{} saved vCPUs",
+                saved.vcpus.len()
+            )));
+        }
+        if config.devices.len() != saved.devices.len() {
+            return Err(MachineError::Incompatible(format!(
+                "{} devices given, {} saved",
+                config.devices.len(),
+                saved.devices.len()
+            )));
+        }
+        let kvm = open_kvm(&config.kvm_path)?;
+        let vm = Vm::with_memory(kvm, config.memory)?;
+        state::restore_vm(vm.fd(), &saved.vm)?;
+        let console =
+            Console::append_to_file(&config.console_log).map_err(|source| MachineError::Io {
+                what: format!(
+                    "cannot open the console log {}",
+                    config.console_log.display()
+                ),
+                source,
+            })?;
+        let serial = restore_serial(&saved.serial, console.clone(), vm.irqfd(COM1_IRQ)?)
+            .map_err(MachineError::Incompatible)?;
+        let slots = attach_devices(&vm, config.devices, Some(&saved.devices))?;
+        let mut fds = Vec::with_capacity(saved.vcpus.len());
+        for (index, vcpu) in saved.vcpus.iter().enumerate() {
+            let index = index as u8;
+            let fd = vm
+                .fd()
+                .create_vcpu(u64::from(index))
+                .map_err(|source| MachineError::Vcpu {
+                    index,
+                    op: "KVM_CREATE_VCPU",
+                    source,
+                })?;
+            state::restore_vcpu(index, &fd, vcpu)?;
+            fds.push(fd);
+        }
+        let mut machine = Machine {
+            vcpus: Vec::new(),
+            parked: fds,
+            shared: VcpuShared::new(host, console.clone()),
+            bus: Arc::new(DeviceManager::new(serial, slots)),
+            console,
+            host,
+            vm,
+        };
+        machine.start_vcpus()?;
         Ok(machine)
     }
 
@@ -259,10 +447,42 @@ impl Machine {
     pub fn stop(&mut self) {
         self.shared.request_stop();
         for vcpu in self.vcpus.drain(..) {
-            vcpu.join();
+            drop(vcpu.join());
         }
         self.shared.clear_threads();
+        self.parked.clear();
     }
+}
+
+/// Puts `devices` behind virtio-mmio windows (one per device, from
+/// `VIRTIO_MMIO_BASE`, GSIs from `IRQ_BASE`), in a saved state if given.
+fn attach_devices(
+    vm: &Vm,
+    devices: Vec<Box<dyn VirtioDevice>>,
+    saved: Option<&[MmioSnapshot]>,
+) -> Result<Vec<MmioSlot>, MachineError> {
+    let mut slots = Vec::with_capacity(devices.len());
+    for (i, device) in devices.into_iter().enumerate() {
+        let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_DEVICE_SIZE;
+        let gsi = IRQ_BASE + i as u32;
+        let irq = Arc::new(IrqTrigger::new(vm.irqfd(gsi)?));
+        let mem = vm.memory().clone();
+        let transport = match saved.and_then(|s| s.get(i)) {
+            Some(state) => MmioTransport::restore(device, mem, irq, state)
+                .map_err(|e| MachineError::Incompatible(format!("device {i}: {e}")))?,
+            None => MmioTransport::new(device, mem, irq)
+                .map_err(|e| MachineError::Device(e.to_string()))?,
+        };
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            vm.ioeventfd(evt, base + MMIO_NOTIFY_OFFSET, queue as u32)?;
+        }
+        slots.push(MmioSlot {
+            base,
+            size: MMIO_DEVICE_SIZE,
+            transport: Mutex::new(transport),
+        });
+    }
+    Ok(slots)
 }
 
 impl Drop for Machine {

@@ -7,3 +7,148 @@ use vm_memory::GuestMemoryMmap;
 /// Guest memory as seen by the VMM and its devices. Pages written by devices
 /// are recorded in the bitmap (KVM's dirty log only sees vCPU writes).
 pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use super::layout::ram_ranges;
+
+/// Guest page size.
+pub const PAGE_SIZE: usize = 4096;
+
+/// What [`save_to_file`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaveStats {
+    /// Bytes of guest memory (the file's length).
+    pub total: u64,
+    /// Bytes written (pages that are not all zero).
+    pub written: u64,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // Compare in 8-byte words: this runs over all of guest memory.
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64; `align_to` only
+        // reinterprets the aligned middle of the slice.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Writes guest memory to `file`, its regions one after another in address
+/// order, leaving all-zero pages as holes (never-touched memory costs no
+/// disk), and sets the file's length to the memory size. Call only while
+/// nothing writes guest memory (vCPUs and device workers stopped), to a new,
+/// empty file (never one guest memory is mapped from). The caller syncs it.
+pub fn save_to_file(mem: &GuestMemory, file: &File) -> io::Result<SaveStats> {
+    let mut stats = SaveStats::default();
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        // SAFETY: the region is a live mapping of `len` bytes owned by
+        // `mem`, which outlives this borrow; the caller guarantees nothing
+        // writes guest memory meanwhile, so reading it as a byte slice is
+        // sound.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().cast_const(), len) };
+        let base = stats.total;
+        let mut run: Option<usize> = None; // start of a run of non-zero pages
+        for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+            let at = i * PAGE_SIZE;
+            match (is_zero(page), run) {
+                (false, None) => run = Some(at),
+                (true, Some(start)) => {
+                    file.write_all_at(&bytes[start..at], base + start as u64)?;
+                    stats.written += (at - start) as u64;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(start) = run {
+            file.write_all_at(&bytes[start..], base + start as u64)?;
+            stats.written += (len - start) as u64;
+        }
+        stats.total += len as u64;
+    }
+    file.set_len(stats.total)?;
+    Ok(stats)
+}
+
+/// Maps `file` (as written by [`save_to_file`]) as `mem_size` bytes of
+/// guest memory, privately: pages load lazily on first access and guest
+/// writes never reach the file.
+pub fn map_file(file: &File, mem_size: u64) -> Result<GuestMemory, String> {
+    let file_len = file
+        .metadata()
+        .map_err(|e| format!("cannot stat the memory file: {e}"))?
+        .len();
+    if file_len != mem_size {
+        return Err(format!(
+            "the memory file holds {file_len} bytes, the machine has {mem_size}"
+        ));
+    }
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in ram_ranges(mem_size) {
+        let fd = file
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate the memory file descriptor: {e}"))?;
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(fd, offset)),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| format!("cannot map {len} bytes of the memory file: {e}"))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| format!("guest region at {start:#x} overflows"))?;
+        regions.push(region);
+        offset += len;
+    }
+    GuestMemory::from_regions(regions).map_err(|e| format!("invalid guest memory layout: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn saved_memory_maps_back_with_holes_for_zero_pages() {
+        let size = 8 << 20;
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        mem.write_slice(b"hello", GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[7u8; 5000], GuestAddress(0x7ff000 - 904))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let stats = save_to_file(&mem, &file).unwrap();
+        assert_eq!(stats.total, size as u64);
+        assert_eq!(stats.written, 3 * PAGE_SIZE as u64);
+        let back = map_file(&file, size as u64).unwrap();
+        let mut buf = [0u8; 5];
+        back.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf, b"hello");
+        let mut big = vec![0u8; 5000];
+        back.read_slice(&mut big, GuestAddress(0x7ff000 - 904))
+            .unwrap();
+        assert!(big.iter().all(|&b| b == 7));
+        // Private: writes do not reach the file.
+        back.write_slice(b"XXXXX", GuestAddress(0x1000)).unwrap();
+        let mut on_disk = [0u8; 5];
+        file.read_exact_at(&mut on_disk, 0x1000).unwrap();
+        assert_eq!(&on_disk, b"hello");
+        // The wrong size is refused.
+        assert!(map_file(&file, 4 << 20).is_err());
+    }
+}

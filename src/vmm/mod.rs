@@ -8,8 +8,9 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
 pub mod machine;
-pub use machine::{Machine, MachineConfig, MachineError};
+pub use machine::{Machine, MachineConfig, MachineError, MachineState, RestoreConfig};

@@ -107,6 +107,17 @@ impl VcpuShared {
             .clear();
     }
 
+    /// Lets vCPU threads run again after their threads were stopped and
+    /// joined for a pause. False if the guest stopped by itself meanwhile.
+    pub(crate) fn clear_stop(&self) -> bool {
+        let reason = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        if reason.is_some() {
+            return false;
+        }
+        self.stop.store(false, Ordering::SeqCst);
+        true
+    }
+
     /// Makes every vCPU leave `KVM_RUN` and its thread exit.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -153,7 +164,7 @@ fn install_kick_handler() {
 
 /// A running vCPU thread.
 pub struct VcpuThread {
-    handle: Option<JoinHandle<()>>,
+    handle: Option<JoinHandle<VcpuFd>>,
 }
 
 impl VcpuThread {
@@ -183,17 +194,22 @@ impl VcpuThread {
         })
     }
 
-    /// Waits for the thread to exit (call after `VcpuShared::request_stop`).
-    pub fn join(mut self) {
-        if let Some(handle) = self.handle.take() {
-            if handle.join().is_err() {
+    /// Waits for the thread to exit (call after `VcpuShared::request_stop`)
+    /// and takes back the vCPU, with any I/O it was doing completed, so its
+    /// state can be saved. `None` if the thread panicked.
+    pub fn join(mut self) -> Option<VcpuFd> {
+        let handle = self.handle.take()?;
+        match handle.join() {
+            Ok(fd) => Some(fd),
+            Err(_) => {
                 log::error!("a vCPU thread panicked");
+                None
             }
         }
     }
 }
 
-fn run_loop(index: u8, mut fd: VcpuFd, bus: &DeviceManager, shared: &VcpuShared) {
+fn run_loop(index: u8, mut fd: VcpuFd, bus: &DeviceManager, shared: &VcpuShared) -> VcpuFd {
     KVM_RUN_PTR.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
     while !shared.stop.load(Ordering::SeqCst) {
         if let Some(stop) = run_once(index, &mut fd, bus, shared) {
@@ -204,6 +220,23 @@ fn run_loop(index: u8, mut fd: VcpuFd, bus: &DeviceManager, shared: &VcpuShared)
         }
     }
     KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    complete_pending_io(index, &mut fd);
+    fd
+}
+
+/// A port or MMIO read the VMM has answered lands in the guest's registers
+/// only on the next `KVM_RUN`. Entering it once with `immediate_exit` set
+/// completes that instruction without running any guest code, so that the
+/// saved registers are consistent (the KVM API documentation asks for this
+/// before saving state).
+fn complete_pending_io(index: u8, fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    match fd.run() {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+        Err(e) => log::warn!("vCPU {index}: completing pending I/O: {e}"),
+        Ok(exit) => log::warn!("vCPU {index}: unexpected exit {exit:?} with immediate_exit set"),
+    }
+    fd.set_kvm_immediate_exit(0);
 }
 
 /// Runs the vCPU until one exit is handled; returns a stop reason if the

@@ -51,6 +51,11 @@ impl DeviceManager {
             .map(|s| (s, addr - s.base))
     }
 
+    /// COM1's registers.
+    pub fn serial_state(&self) -> super::serial::SerialSnapshot {
+        super::serial::save_serial(&self.serial.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
     /// The virtio-mmio slots (for snapshotting and teardown).
     pub fn mmio_slots(&self) -> &[MmioSlot] {
         &self.mmio

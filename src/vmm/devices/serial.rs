@@ -33,9 +33,23 @@ pub struct Console {
 }
 
 impl Console {
-    /// A console that appends to `path` (created or truncated).
+    /// A console that writes to `path` (created or truncated).
     pub fn to_file(path: &Path) -> io::Result<Console> {
-        let file = File::create(path)?;
+        Self::with_file(File::create(path)?)
+    }
+
+    /// A console that appends to `path` (created if missing), e.g. after a
+    /// restore.
+    pub fn append_to_file(path: &Path) -> io::Result<Console> {
+        Self::with_file(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        )
+    }
+
+    fn with_file(file: File) -> io::Result<Console> {
         Ok(Console {
             state: Arc::new(Mutex::new(ConsoleState {
                 file: Some(file),
@@ -127,6 +141,61 @@ pub type SerialDevice = Serial<IrqEvt, NoEvents, ConsoleWriter>;
 /// Creates COM1 writing to `console`, interrupting through `irq`.
 pub fn new_serial(console: Console, irq: EventFd) -> SerialDevice {
     Serial::new(IrqEvt(irq), ConsoleWriter(console))
+}
+
+/// The registers of COM1 (`vm_superio::SerialState`, which has no serde
+/// support).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+/// Saves COM1's registers.
+pub fn save_serial(serial: &SerialDevice) -> SerialSnapshot {
+    let s = serial.state();
+    SerialSnapshot {
+        baud_divisor_low: s.baud_divisor_low,
+        baud_divisor_high: s.baud_divisor_high,
+        interrupt_enable: s.interrupt_enable,
+        interrupt_identification: s.interrupt_identification,
+        line_control: s.line_control,
+        line_status: s.line_status,
+        modem_control: s.modem_control,
+        modem_status: s.modem_status,
+        scratch: s.scratch,
+        in_buffer: s.in_buffer,
+    }
+}
+
+/// COM1 in a saved state, writing to `console`, interrupting through `irq`.
+pub fn restore_serial(
+    snapshot: &SerialSnapshot,
+    console: Console,
+    irq: EventFd,
+) -> Result<SerialDevice, String> {
+    let state = vm_superio::serial::SerialState {
+        baud_divisor_low: snapshot.baud_divisor_low,
+        baud_divisor_high: snapshot.baud_divisor_high,
+        interrupt_enable: snapshot.interrupt_enable,
+        interrupt_identification: snapshot.interrupt_identification,
+        line_control: snapshot.line_control,
+        line_status: snapshot.line_status,
+        modem_control: snapshot.modem_control,
+        modem_status: snapshot.modem_status,
+        scratch: snapshot.scratch,
+        in_buffer: snapshot.in_buffer.clone(),
+    };
+    Serial::from_state(&state, IrqEvt(irq), NoEvents, ConsoleWriter(console))
+        .map_err(|e| format!("invalid saved serial port state: {e:?}"))
 }
 
 #[cfg(test)]

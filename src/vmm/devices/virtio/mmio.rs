@@ -102,6 +102,17 @@ pub enum MmioError {
         /// The declared size.
         size: u16,
     },
+    /// A saved transport state does not fit the device it is restored onto.
+    #[error("the saved state of a virtio-mmio device does not fit the device: {0}; the snapshot belongs to another machine configuration")]
+    StateMismatch(String),
+    /// The restored device could not be started.
+    #[error("the restored virtio device (type {device_type}) could not be started: {reason}")]
+    Restore {
+        /// The virtio device type.
+        device_type: u32,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// One queue's registers as the driver programmed them.
@@ -171,6 +182,29 @@ impl MmioTransportState {
     }
 }
 
+/// Where a queue's rings stood when the device was quiesced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuePosition {
+    /// The next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// The next used-ring entry the device will fill.
+    pub next_used: u16,
+}
+
+/// A transport's saved state: registers, interrupt status and, for an
+/// active device, its queues' positions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioSnapshot {
+    /// The virtio device type (checked on restore).
+    pub device_type: u32,
+    /// The registers.
+    pub regs: MmioTransportState,
+    /// `InterruptStatus`.
+    pub interrupt_status: u32,
+    /// One entry per queue if the device was active, else empty.
+    pub queues: Vec<QueuePosition>,
+}
+
 /// A virtio device behind one virtio-mmio register window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -178,6 +212,8 @@ pub struct MmioTransport {
     irq: Arc<IrqTrigger>,
     queue_evts: Vec<EventFd>,
     state: MmioTransportState,
+    /// The queues of a device stopped by [`MmioTransport::pause`].
+    paused_queues: Option<Vec<Queue>>,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -213,7 +249,106 @@ impl MmioTransport {
             irq,
             queue_evts,
             state: MmioTransportState::new(&max_sizes),
+            paused_queues: None,
         })
+    }
+
+    /// Stops the device (see [`VirtioDevice::quiesce`]) and returns the
+    /// transport's state. Call with the vCPUs stopped. [`resume`](Self::resume)
+    /// starts the device again.
+    pub fn pause(&mut self) -> MmioSnapshot {
+        let queues = match self.paused_queues.take() {
+            Some(queues) => queues,
+            None if self.state.activated => self.device.quiesce(),
+            None => Vec::new(),
+        };
+        let snapshot = MmioSnapshot {
+            device_type: self.device.device_type(),
+            regs: self.state.clone(),
+            interrupt_status: self.irq.status(),
+            queues: queues
+                .iter()
+                .map(|q| QueuePosition {
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                })
+                .collect(),
+        };
+        self.paused_queues = Some(queues);
+        snapshot
+    }
+
+    /// Starts a device stopped by [`pause`](Self::pause) again.
+    pub fn resume(&mut self) {
+        if let Some(queues) = self.paused_queues.take() {
+            if self.state.activated && !queues.is_empty() {
+                self.state.activated = false;
+                if let Err(reason) = self.start(queues) {
+                    log::error!("virtio-mmio: restarting a paused device failed: {reason}");
+                    self.needs_reset();
+                }
+            }
+        }
+    }
+
+    /// A transport for `device` in the state `snapshot` recorded; an active
+    /// device is started with its queues where they were.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemory,
+        irq: Arc<IrqTrigger>,
+        snapshot: &MmioSnapshot,
+    ) -> Result<Self, MmioError> {
+        let device_type = device.device_type();
+        let mut t = Self::new(device, mem, irq)?;
+        let mismatch = |what: String| Err(MmioError::StateMismatch(what));
+        if snapshot.device_type != device_type {
+            return mismatch(format!(
+                "saved device type {}, restored onto type {device_type}",
+                snapshot.device_type
+            ));
+        }
+        let max_sizes: Vec<u16> = snapshot.regs.queues.iter().map(|q| q.max_size).collect();
+        if max_sizes != t.device.queue_max_sizes() {
+            return mismatch(format!(
+                "saved queue sizes {max_sizes:?}, the device has {:?}",
+                t.device.queue_max_sizes()
+            ));
+        }
+        let activated = snapshot.regs.activated;
+        if activated && snapshot.queues.len() != max_sizes.len() {
+            return mismatch(format!(
+                "{} saved queue positions for {} queues",
+                snapshot.queues.len(),
+                max_sizes.len()
+            ));
+        }
+        if snapshot.regs.acked_features & !t.device.device_features() != 0 {
+            return mismatch(format!(
+                "saved features {:#x} include some the device does not offer ({:#x})",
+                snapshot.regs.acked_features,
+                t.device.device_features()
+            ));
+        }
+        t.state = snapshot.regs.clone();
+        t.state.activated = false;
+        t.irq.set_status(snapshot.interrupt_status);
+        if t.state.device_status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            t.device.set_acked_features(t.state.acked_features);
+        }
+        if activated {
+            let restore_err = |reason| MmioError::Restore {
+                device_type,
+                reason,
+            };
+            let mut queues = t.build_queues().map_err(restore_err)?;
+            for (q, pos) in queues.iter_mut().zip(&snapshot.queues) {
+                q.set_next_avail(pos.next_avail);
+                q.set_next_used(pos.next_used);
+            }
+            t.start(queues).map_err(restore_err)?;
+        }
+        Ok(t)
     }
 
     /// The queues' notification eventfds, in queue order. The VM registers
@@ -474,35 +609,34 @@ impl MmioTransport {
                 return;
             }
         };
-        let queue_evts = match self
+        if let Err(reason) = self.start(queues) {
+            log::error!("virtio-mmio: {reason}");
+            self.needs_reset();
+        }
+    }
+
+    /// Hands the device its queues and the notification fds.
+    fn start(&mut self, queues: Vec<Queue>) -> Result<(), String> {
+        let queue_evts = self
             .queue_evts
             .iter()
             .map(EventFd::try_clone)
             .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(evts) => evts,
-            Err(e) => {
-                log::error!("virtio-mmio: could not duplicate the queue eventfds: {e}");
-                self.needs_reset();
-                return;
-            }
-        };
+            .map_err(|e| format!("could not duplicate the queue eventfds: {e}"))?;
         let args = ActivateArgs {
             mem: self.mem.clone(),
             irq: self.irq.clone(),
             queues,
             queue_evts,
         };
-        match self.device.activate(args) {
-            Ok(()) => self.state.activated = true,
-            Err(e) => {
-                log::error!(
-                    "virtio-mmio: activating device type {} failed: {e}",
-                    self.device.device_type()
-                );
-                self.needs_reset();
-            }
-        }
+        self.device.activate(args).map_err(|e| {
+            format!(
+                "activating device type {} failed: {e}",
+                self.device.device_type()
+            )
+        })?;
+        self.state.activated = true;
+        Ok(())
     }
 
     fn build_queues(&self) -> Result<Vec<Queue>, String> {

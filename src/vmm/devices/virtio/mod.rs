@@ -123,4 +123,10 @@ pub trait VirtioDevice: Send {
     /// drop the queues. Returns false if the device cannot be reset, in which
     /// case the transport marks it `DEVICE_NEEDS_RESET`.
     fn reset(&mut self) -> bool;
+    /// Stops the device's worker so that a snapshot sees guest memory and the
+    /// queues at rest, and returns the queues with their ring positions
+    /// (empty if the device is not active). Requests taken from a queue are
+    /// finished first. [`activate`](Self::activate) with the same queues
+    /// starts the device again where it stopped.
+    fn quiesce(&mut self) -> Vec<Queue>;
 }

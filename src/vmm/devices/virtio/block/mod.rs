@@ -109,11 +109,9 @@ impl Block {
         u64::from_le_bytes(b)
     }
 
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            // The queue (and its positions) is dropped: a reset forgets it.
-            let _queue = worker.stop();
-        }
+    /// Stops the worker; returns its queue (with its positions).
+    fn stop_worker(&mut self) -> Option<virtio_queue::Queue> {
+        self.worker.take().and_then(|worker| worker.stop())
     }
 }
 
@@ -190,9 +188,15 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) -> bool {
+        // The queue (and its positions) is dropped: a reset forgets it.
         self.stop_worker();
         self.acked_features = 0;
         true
+    }
+
+    fn quiesce(&mut self) -> Vec<virtio_queue::Queue> {
+        // The worker finishes the request it is on before it stops.
+        self.stop_worker().into_iter().collect()
     }
 }
 

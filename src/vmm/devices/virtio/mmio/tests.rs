@@ -76,6 +76,9 @@ impl VirtioDevice for Dummy {
         rec.resets += 1;
         !rec.fail_reset
     }
+    fn quiesce(&mut self) -> Vec<Queue> {
+        self.rec.lock().unwrap().activations.pop().unwrap_or_default()
+    }
 }
 
 struct Fixture {
@@ -458,6 +461,9 @@ fn event_idx_is_passed_to_the_queues_when_negotiated() {
         }
         fn reset(&mut self) -> bool {
             self.0.reset()
+        }
+        fn quiesce(&mut self) -> Vec<Queue> {
+            self.0.quiesce()
         }
     }
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();

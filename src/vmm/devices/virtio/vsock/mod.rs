@@ -286,14 +286,15 @@ impl Vsock {
         self.shared.send_transport_reset();
     }
 
-    fn stop_worker(&mut self) {
+    /// Stops the worker; returns its queues (with their positions).
+    fn stop_worker(&mut self) -> Vec<virtio_queue::Queue> {
         // No new requests from here on; queued ones die with the channel
         // and their callers get `Reset`.
         self.shared.lock().active = None;
-        if let Some(worker) = self.worker.take() {
-            // The queues (and their positions) are dropped: a reset forgets them.
-            let _queues = worker.stop();
-        }
+        self.worker
+            .take()
+            .and_then(|worker| worker.stop())
+            .unwrap_or_default()
     }
 }
 
@@ -379,9 +380,17 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) -> bool {
+        // The queues (and their positions) are dropped: a reset forgets them.
         self.stop_worker();
         self.acked_features = 0;
         true
+    }
+
+    /// Host connections do not survive: their host ends see EOF. The guest
+    /// learns of it from the transport reset event sent when the device is
+    /// activated again after a restore (see [`Vsock::send_transport_reset`]).
+    fn quiesce(&mut self) -> Vec<virtio_queue::Queue> {
+        self.stop_worker()
     }
 }
 

@@ -1,0 +1,394 @@
+//! The on-disk form of a paused sandbox.
+//!
+//! A sandbox directory holds, besides its disk overlay and console log:
+//!
+//! - `snapshot.json`, the manifest: which generation of state and memory
+//!   files make up the snapshot, with their sizes and the state's CRC-32.
+//!   It is replaced atomically (temporary file, fsync, rename, fsync of the
+//!   directory), so it always names one complete snapshot.
+//! - `state-<generation>.json`: the machine state (vCPUs, interrupt
+//!   controllers, clock, devices), CRC-32 checked.
+//! - `memory-<generation>`: guest memory, all-zero pages left as holes,
+//!   mapped privately on resume so pages load lazily.
+//!
+//! A pause writes a new generation next to the current one and switches the
+//! manifest last; files of other generations are removed afterwards, and
+//! ones a crash left behind are removed at the next pause. Every byte read
+//! back is validated before use.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::disk::crc32;
+use crate::vmm::memory::{self, GuestMemory, SaveStats};
+use crate::vmm::MachineState;
+
+/// The manifest's file name.
+pub const MANIFEST: &str = "snapshot.json";
+/// What the manifest's `format` field says.
+pub const FORMAT: &str = "dormouse-snapshot";
+/// The version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// The largest state file accepted (it is a few hundred KiB).
+const MAX_STATE_LEN: u64 = 64 << 20;
+/// The largest manifest accepted.
+const MAX_MANIFEST_LEN: u64 = 64 << 10;
+
+/// Errors reading or writing snapshot files.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A file is damaged: wrong checksum, size, or content.
+    #[error("snapshot file {path} is corrupt: {reason}; this sandbox cannot be resumed (kill it)")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file was written by another version of dormouse or for another host.
+    #[error("snapshot file {path} cannot be used here: {reason}")]
+    Incompatible {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Reading or writing failed.
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SnapshotError {
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_owned();
+        move |source| SnapshotError::Io { what, path, source }
+    }
+
+    fn corrupt(path: &Path, reason: impl Into<String>) -> Self {
+        SnapshotError::Corrupt {
+            path: path.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a snapshot is of, recorded in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxRecord {
+    /// The sandbox id.
+    pub id: String,
+    /// The template's name.
+    pub template: String,
+    /// The template's kernel hash (the snapshot needs that very kernel).
+    pub kernel_hash: String,
+    /// The template's root filesystem hash (the overlay sits on it).
+    pub rootfs_hash: String,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// vCPUs.
+    pub vcpus: u8,
+}
+
+/// The manifest: one consistent snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// [`VERSION`] of the writer.
+    pub version: u32,
+    /// The sandbox.
+    pub sandbox: SandboxRecord,
+    /// Increases with every pause.
+    pub generation: u64,
+    /// The state file's name.
+    pub state_file: String,
+    /// Its length.
+    pub state_len: u64,
+    /// Its CRC-32.
+    pub state_crc32: u32,
+    /// The memory file's name.
+    pub memory_file: String,
+    /// Guest memory size (the memory file's length).
+    pub memory_len: u64,
+    /// Bytes of memory actually written (non-zero pages).
+    pub memory_written: u64,
+    /// When the pause finished, in milliseconds since the Unix epoch.
+    pub paused_at_ms: u64,
+}
+
+/// Whether `dir` holds a snapshot.
+pub fn exists(dir: &Path) -> bool {
+    dir.join(MANIFEST).exists()
+}
+
+fn state_name(generation: u64) -> String {
+    format!("state-{generation}.json")
+}
+
+fn memory_name(generation: u64) -> String {
+    format!("memory-{generation}")
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(SnapshotError::io("fsync the directory", dir))
+}
+
+/// The generation after every one that has files in `dir` (a resumed
+/// sandbox has no manifest, but its memory may still be mapped from the
+/// last generation's file, which must not be overwritten).
+fn next_generation(dir: &Path) -> Result<u64, SnapshotError> {
+    let mut last = read_manifest(dir).ok().map_or(0, |m| m.generation);
+    for entry in std::fs::read_dir(dir).map_err(SnapshotError::io("list", dir))? {
+        let entry = entry.map_err(SnapshotError::io("list", dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let number = name
+            .strip_prefix("memory-")
+            .or_else(|| name.strip_prefix("state-").and_then(|n| n.strip_suffix(".json")));
+        if let Some(n) = number.and_then(|n| n.parse::<u64>().ok()) {
+            last = last.max(n);
+        }
+    }
+    Ok(last + 1)
+}
+
+/// Writes `data` to `path` (new file) and fsyncs it.
+fn write_synced(path: &Path, data: &[u8]) -> Result<(), SnapshotError> {
+    let mut file = File::create(path).map_err(SnapshotError::io("create", path))?;
+    file.write_all(data)
+        .map_err(SnapshotError::io("write", path))?;
+    file.sync_all().map_err(SnapshotError::io("fsync", path))
+}
+
+/// Writes a snapshot of a paused machine into `dir` as generation
+/// `previous + 1` and makes it the current one. `before_commit` runs after
+/// the new files are durable and before the manifest switches (the caller
+/// flushes the disk overlay there). Returns the new manifest and what the
+/// memory file got.
+pub fn write(
+    dir: &Path,
+    sandbox: &SandboxRecord,
+    state: &MachineState,
+    mem: &GuestMemory,
+    before_commit: impl FnOnce() -> Result<(), SnapshotError>,
+) -> Result<(Manifest, SaveStats), SnapshotError> {
+    let generation = next_generation(dir)?;
+    let state_file = state_name(generation);
+    let memory_file = memory_name(generation);
+    let state_path = dir.join(&state_file);
+    let memory_path = dir.join(&memory_file);
+    let result = (|| {
+        // Never an existing file: the running guest's memory may be a
+        // mapping of the previous generation's.
+        let mem_file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&memory_path)
+            .map_err(SnapshotError::io("create", &memory_path))?;
+        let stats = memory::save_to_file(mem, &mem_file)
+            .map_err(SnapshotError::io("write", &memory_path))?;
+        mem_file
+            .sync_all()
+            .map_err(SnapshotError::io("fsync", &memory_path))?;
+        let state_json = serde_json::to_vec(state).map_err(|e| SnapshotError::Io {
+            what: "serialise the machine state for",
+            path: state_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        write_synced(&state_path, &state_json)?;
+        before_commit()?;
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            sandbox: sandbox.clone(),
+            generation,
+            state_file: state_file.clone(),
+            state_len: state_json.len() as u64,
+            state_crc32: crc32(&state_json),
+            memory_file: memory_file.clone(),
+            memory_len: stats.total,
+            memory_written: stats.written,
+            paused_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+        let tmp = dir.join(format!("{MANIFEST}.tmp"));
+        write_synced(&tmp, &json)?;
+        std::fs::rename(&tmp, dir.join(MANIFEST))
+            .map_err(SnapshotError::io("rename into place", &tmp))?;
+        sync_dir(dir)?;
+        Ok((manifest, stats))
+    })();
+    match &result {
+        Ok(_) => remove_stale(dir, generation),
+        Err(_) => {
+            let _ = std::fs::remove_file(&state_path);
+            let _ = std::fs::remove_file(&memory_path);
+        }
+    }
+    result
+}
+
+/// Removes state and memory files of generations other than `keep`.
+fn remove_stale(dir: &Path, keep: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let keep = [state_name(keep), memory_name(keep)];
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name.starts_with("state-") || name.starts_with("memory-");
+        if ours && !keep.iter().any(|k| k == name) {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                log::warn!("cannot remove the stale snapshot file {name}: {e}");
+            }
+        }
+    }
+}
+
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, SnapshotError> {
+    let file = File::open(path).map_err(SnapshotError::io("open", path))?;
+    let len = file
+        .metadata()
+        .map_err(SnapshotError::io("stat", path))?
+        .len();
+    if len > max {
+        return Err(SnapshotError::corrupt(
+            path,
+            format!("{len} bytes, more than the {max} a valid file has"),
+        ));
+    }
+    let mut data = Vec::with_capacity(len as usize);
+    use std::io::Read;
+    file.take(max + 1)
+        .read_to_end(&mut data)
+        .map_err(SnapshotError::io("read", path))?;
+    Ok(data)
+}
+
+/// A file name the manifest may name: ours, in the same directory.
+fn valid_file_name(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix).is_some_and(|rest| {
+        let digits = rest.strip_suffix(".json").unwrap_or(rest);
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+/// Reads and validates the manifest of `dir`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
+    let path = dir.join(MANIFEST);
+    let data = read_bounded(&path, MAX_MANIFEST_LEN)?;
+    // Format and version first, so that a newer writer's extra fields give
+    // "incompatible", not "corrupt".
+    #[derive(Deserialize)]
+    struct Head {
+        format: String,
+        version: u32,
+    }
+    let head: Head = serde_json::from_slice(&data)
+        .map_err(|e| SnapshotError::corrupt(&path, format!("not a snapshot manifest: {e}")))?;
+    if head.format != FORMAT {
+        return Err(SnapshotError::corrupt(
+            &path,
+            format!("format {:?}, expected {FORMAT:?}", head.format),
+        ));
+    }
+    if head.version != VERSION {
+        return Err(SnapshotError::Incompatible {
+            path,
+            reason: format!(
+                "snapshot format version {}, this dormouse reads version {VERSION}",
+                head.version
+            ),
+        });
+    }
+    let manifest: Manifest = serde_json::from_slice(&data)
+        .map_err(|e| SnapshotError::corrupt(&path, format!("invalid manifest: {e}")))?;
+    if !valid_file_name(&manifest.state_file, "state-")
+        || !valid_file_name(&manifest.memory_file, "memory-")
+    {
+        return Err(SnapshotError::corrupt(
+            &path,
+            "it names files that are not snapshot files",
+        ));
+    }
+    if manifest.state_len > MAX_STATE_LEN {
+        return Err(SnapshotError::corrupt(&path, "state length out of range"));
+    }
+    if manifest.memory_len != u64::from(manifest.sandbox.mem_mib) << 20 {
+        return Err(SnapshotError::corrupt(
+            &path,
+            "memory length does not match the memory size",
+        ));
+    }
+    Ok(manifest)
+}
+
+/// Reads the snapshot of `dir`: the manifest, the machine state, and the
+/// memory file (open, length checked).
+pub fn read(dir: &Path) -> Result<(Manifest, MachineState, File), SnapshotError> {
+    let manifest = read_manifest(dir)?;
+    let state_path = dir.join(&manifest.state_file);
+    let data = read_bounded(&state_path, MAX_STATE_LEN)?;
+    if data.len() as u64 != manifest.state_len {
+        return Err(SnapshotError::corrupt(
+            &state_path,
+            format!(
+                "{} bytes, the manifest says {}",
+                data.len(),
+                manifest.state_len
+            ),
+        ));
+    }
+    let crc = crc32(&data);
+    if crc != manifest.state_crc32 {
+        return Err(SnapshotError::corrupt(
+            &state_path,
+            format!(
+                "CRC-32 {crc:#010x}, the manifest says {:#010x}",
+                manifest.state_crc32
+            ),
+        ));
+    }
+    let state: MachineState = serde_json::from_slice(&data)
+        .map_err(|e| SnapshotError::corrupt(&state_path, format!("invalid machine state: {e}")))?;
+    if state.mem_size != manifest.memory_len
+        || state.vcpus.len() != usize::from(manifest.sandbox.vcpus)
+    {
+        return Err(SnapshotError::corrupt(
+            &state_path,
+            "machine state does not match the manifest",
+        ));
+    }
+    let memory_path = dir.join(&manifest.memory_file);
+    let memory = File::open(&memory_path).map_err(SnapshotError::io("open", &memory_path))?;
+    let len = memory
+        .metadata()
+        .map_err(SnapshotError::io("stat", &memory_path))?
+        .len();
+    if len != manifest.memory_len {
+        return Err(SnapshotError::corrupt(
+            &memory_path,
+            format!("{len} bytes, the manifest says {}", manifest.memory_len),
+        ));
+    }
+    Ok((manifest, state, memory))
+}
