@@ -27,9 +27,9 @@ pub mod agent;
 pub mod disk;
 mod error;
 pub mod proto;
-pub mod snapshot;
 mod runtime;
 mod sandbox;
+pub mod snapshot;
 pub mod template;
 pub mod vmm;
 

@@ -68,8 +68,10 @@ impl SandboxId {
 
     /// Parses an id; `None` if it is not one (so it cannot name a path).
     pub fn parse(s: &str) -> Option<SandboxId> {
-        (s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-            .then(|| SandboxId(s.to_owned()))
+        (s.len() == 20
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| SandboxId(s.to_owned()))
     }
 }
 
@@ -154,6 +156,13 @@ struct SandboxInner {
     disk: Option<Arc<Mutex<CowDisk>>>,
     /// Connections to the guest; set while running.
     vsock: Option<VsockConnector>,
+    /// While running: the snapshot the guest was resumed from, whose memory
+    /// files a pause adds a layer to.
+    based_on: Option<snapshot::Manifest>,
+    /// While running: whether the dirty-page log covers every write since
+    /// boot or resume (a failed pause consumes it; the next one then writes
+    /// all of memory).
+    dirty_log_complete: bool,
     /// `flock` on the lock file: one live handle per sandbox, across
     /// processes. Released with the handle.
     _lock: File,
@@ -191,9 +200,7 @@ fn lock_sandbox(dir: &Path, id: &SandboxId) -> Result<File> {
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::Busy {
-                id: id.to_string(),
-            });
+            return Err(Error::Busy { id: id.to_string() });
         }
         return Err(Error::Io {
             what: format!("cannot lock {}", path.display()),
@@ -228,7 +235,12 @@ pub struct ResumeError {
 
 impl std::fmt::Display for PauseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cannot pause sandbox {}: {}", self.sandbox.id(), self.error)
+        write!(
+            f,
+            "cannot pause sandbox {}: {}",
+            self.sandbox.id(),
+            self.error
+        )
     }
 }
 
@@ -236,7 +248,11 @@ impl std::fmt::Display for ResumeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.sandbox {
             Some(sandbox) => write!(f, "cannot resume sandbox {}: {}", sandbox.id(), self.error),
-            None => write!(f, "cannot resume the sandbox (it was killed): {}", self.error),
+            None => write!(
+                f,
+                "cannot resume the sandbox (it was killed): {}",
+                self.error
+            ),
         }
     }
 }
@@ -362,6 +378,8 @@ impl Sandbox<Running> {
                 machine: Some(machine),
                 disk: Some(disk),
                 vsock: Some(vsock),
+                based_on: None,
+                dirty_log_complete: true,
                 _lock: lock,
                 delete_on_drop: true,
             },
@@ -493,10 +511,24 @@ impl Sandbox<Running> {
         let dir = self.inner.dir.clone();
         let record = self.inner.record.clone();
         let disk = self.inner.disk.clone();
+        let based_on = self.inner.based_on.clone();
+        let dirty_log_complete = self.inner.dirty_log_complete;
         let task = tokio::task::spawn_blocking(move || {
             let state = match machine.pause() {
                 Ok(state) => state,
                 Err(e) => return (machine, Err(Error::from(e))),
+            };
+            let dirty = match machine.take_dirty_pages() {
+                Ok(dirty) => dirty_log_complete.then_some(dirty),
+                Err(e) => {
+                    log::warn!("no dirty-page log, writing all of memory: {e}");
+                    None
+                }
+            };
+            let how = match (&dirty, &based_on) {
+                (Some(dirty), Some(on)) => snapshot::MemoryWrite::Layer { dirty, on },
+                (Some(dirty), None) => snapshot::MemoryWrite::BaseOf(dirty),
+                (None, _) => snapshot::MemoryWrite::Full,
             };
             let flush = || {
                 let Some(disk) = &disk else { return Ok(()) };
@@ -509,7 +541,7 @@ impl Sandbox<Running> {
                         source: std::io::Error::other(e),
                     })
             };
-            let written = snapshot::write(&dir, &record, &state, machine.memory(), flush);
+            let written = snapshot::write(&dir, &record, &state, machine.memory(), how, flush);
             match written {
                 Ok((manifest, stats)) => {
                     log::debug!(
@@ -535,6 +567,7 @@ impl Sandbox<Running> {
                 drop(machine);
                 self.inner.disk = None;
                 self.inner.vsock = None;
+                self.inner.based_on = None;
                 Ok(Sandbox {
                     inner: self.inner,
                     _state: PhantomData,
@@ -543,6 +576,8 @@ impl Sandbox<Running> {
             Ok((machine, Err(error))) => {
                 self.inner.machine = Some(machine);
                 self.inner.delete_on_drop = true;
+                // The dirty log was read: the next pause writes everything.
+                self.inner.dirty_log_complete = false;
                 Err(PauseError {
                     sandbox: self,
                     error,
@@ -590,10 +625,7 @@ impl Sandbox<Paused> {
         if manifest.sandbox.id != id.as_str() {
             return Err(Error::Incompatible {
                 id: id.to_string(),
-                reason: format!(
-                    "its snapshot belongs to sandbox {}",
-                    manifest.sandbox.id
-                ),
+                reason: format!("its snapshot belongs to sandbox {}", manifest.sandbox.id),
             });
         }
         let template = rt.template(&manifest.sandbox.template)?;
@@ -616,6 +648,8 @@ impl Sandbox<Paused> {
                 machine: None,
                 disk: None,
                 vsock: None,
+                based_on: None,
+                dirty_log_complete: false,
                 _lock: lock,
                 delete_on_drop: false,
             },
@@ -677,19 +711,28 @@ impl Sandbox<Paused> {
         let kvm_path = self.inner.rt.kvm_path.clone();
         let id = self.inner.id.to_string();
         let restored = tokio::task::spawn_blocking(move || -> Result<_> {
-            let (manifest, state, memory_file) = snapshot::read(&dir)?;
+            let (manifest, state, files) = snapshot::read(&dir)?;
             if manifest.sandbox.id != id {
                 return Err(Error::Incompatible {
                     id,
                     reason: format!("its snapshot belongs to sandbox {}", manifest.sandbox.id),
                 });
             }
-            let memory = memory::map_file(&memory_file, manifest.memory_len).map_err(|reason| {
+            let memory = memory::map_file(&files.base, manifest.memory_len).map_err(|reason| {
                 snapshot::SnapshotError::Corrupt {
-                    path: dir.join(&manifest.memory_file),
+                    path: dir.join(&manifest.memory[0].file),
                     reason,
                 }
             })?;
+            for ((file, pages), layer) in files.layers.iter().zip(&manifest.memory[1..]) {
+                memory::load_pages(&memory, file, pages).map_err(|source| {
+                    snapshot::SnapshotError::Io {
+                        what: "read the memory layer",
+                        path: dir.join(&layer.file),
+                        source,
+                    }
+                })?;
+            }
             let disk = CowDisk::open(&rootfs, &dir.join("disk"))?;
             let block = Block::new(disk, false).map_err(|e| Error::InvalidConfig(e.to_string()))?;
             let disk = block.disk();
@@ -700,8 +743,10 @@ impl Sandbox<Paused> {
             let devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(block), Box::new(vsock)];
             let manifest_path = dir.join(snapshot::MANIFEST);
             let parked = dir.join(format!("{}.resumed", snapshot::MANIFEST));
-            std::fs::rename(&manifest_path, &parked)
-                .map_err(Error::io(format!("cannot retire {}", manifest_path.display())))?;
+            std::fs::rename(&manifest_path, &parked).map_err(Error::io(format!(
+                "cannot retire {}",
+                manifest_path.display()
+            )))?;
             let machine = Machine::restore(
                 RestoreConfig {
                     kvm_path,
@@ -714,7 +759,7 @@ impl Sandbox<Paused> {
             match machine {
                 Ok(machine) => {
                     let _ = std::fs::remove_file(&parked);
-                    Ok((machine, connector, disk))
+                    Ok((machine, connector, disk, manifest))
                 }
                 Err(e) => {
                     // Nothing ran: the snapshot is still whole.
@@ -727,7 +772,9 @@ impl Sandbox<Paused> {
         })
         .await
         .map_err(|e| join_error("resume", e))??;
-        let (machine, connector, disk) = restored;
+        let (machine, connector, disk, manifest) = restored;
+        self.inner.based_on = Some(manifest);
+        self.inner.dirty_log_complete = true;
         self.inner.machine = Some(machine);
         self.inner.vsock = Some(connector);
         self.inner.disk = Some(disk);

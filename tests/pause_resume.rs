@@ -18,18 +18,27 @@ const CHILD_ID_ENV: &str = "DORMOUSE_TEST_CHILD_SANDBOX";
 /// Set in the child process: the runtime's state directory.
 const CHILD_DIR_ENV: &str = "DORMOUSE_TEST_CHILD_STATE";
 
-const COUNTER: &str = "setsid sh -c 'echo $$ > /tmp/counter.pid; i=0; \
-     while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done' \
-     </dev/null >/dev/null 2>&1 &";
+/// A process that counts in guest memory and writes the count out: a
+/// process that is restarted would start again from 1. (Python rather than
+/// a shell loop: a `sleep` process every tick would keep the guest's
+/// emulated kernel busy on a PVM host.)
+const COUNTER: &str = "cat > /tmp/counter.py <<'EOF'
+import os, time
+open('/tmp/counter.pid', 'w').write(str(os.getpid()))
+i = 0
+while True:
+    i += 1
+    with open('/tmp/count.tmp', 'w') as f:
+        f.write(str(i))
+    os.rename('/tmp/count.tmp', '/tmp/count')
+    time.sleep(0.2)
+EOF
+setsid python3 /tmp/counter.py </dev/null >/dev/null 2>&1 &";
 
 async fn run(sbx: &Sandbox<Running>, cmd: &str) -> String {
     let out = sbx.commands().run(cmd).await.expect(cmd);
     assert_eq!(out.exit_code, 0, "{cmd}: {out:?}");
     out.stdout
-}
-
-async fn count(sbx: &Sandbox<Running>) -> u64 {
-    run(sbx, "cat /tmp/count").await.trim().parse().unwrap()
 }
 
 /// Checks what must survive every pause: the counter process (same pid,
@@ -39,13 +48,17 @@ async fn check_state(sbx: &Sandbox<Running>, pid: &str, at_least: u64) -> u64 {
     let out = run(
         sbx,
         "cat /tmp/counter.pid; kill -0 $(cat /tmp/counter.pid) && echo alive; \
-         cat /tmp/in-memory; cat /root/on-disk",
+         cat /tmp/in-memory; cat /root/on-disk; cat /tmp/count",
     )
     .await;
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines, [pid, "alive", "memory 42", "disk 42"], "{out}");
-    let n = count(sbx).await;
-    assert!(n >= at_least, "the counter went back from {at_least} to {n}");
+    assert_eq!(lines.len(), 5, "{out}");
+    assert_eq!(lines[..4], [pid, "alive", "memory 42", "disk 42"], "{out}");
+    let n: u64 = lines[4].parse().unwrap();
+    assert!(
+        n >= at_least,
+        "the counter went back from {at_least} to {n}"
+    );
     n
 }
 
@@ -54,11 +67,12 @@ fn memory_file(dir: &Path) -> std::path::PathBuf {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| {
+        .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("memory-"))
+                .is_some_and(|n| n.starts_with("memory-") && !n.ends_with(".pages"))
         })
+        .max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap())
         .expect("a memory file")
 }
 
@@ -82,22 +96,27 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
         &format!("echo 'memory 42' > /tmp/in-memory; echo 'disk 42' > /root/on-disk; {COUNTER}"),
     )
     .await;
-    let pid = run(&sbx, "sleep 1; cat /tmp/counter.pid").await;
+    let pid = run(
+        &sbx,
+        "while [ ! -e /tmp/count ]; do sleep 1; done; cat /tmp/counter.pid",
+    )
+    .await;
     let pid = pid.trim().to_owned();
     let mut seen = check_state(&sbx, &pid, 1).await;
 
-    // Pause and resume in this process, a few times in a row.
+    // Pause and resume in this process, 20 times in a row (past the
+    // number of memory layers a snapshot keeps before writing a new base).
     let mut sbx = sbx;
-    for round in 0..3 {
+    for round in 0..20 {
         let t = Instant::now();
         let paused = sbx.pause().await.expect("pause");
         let pause_time = t.elapsed();
         let mem = memory_file(&dir);
         let meta = std::fs::metadata(&mem).unwrap();
         eprintln!(
-            "round {round}: paused in {pause_time:.2?}; memory file {} MiB long, {} MiB on disk",
+            "round {round}: paused in {pause_time:.2?}; newest memory file {} MiB long, {} KiB on disk",
             meta.len() >> 20,
-            (meta.blocks() * 512) >> 20
+            (meta.blocks() * 512) >> 10
         );
         assert!(
             meta.blocks() * 512 < meta.len(),
@@ -105,7 +124,10 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
         );
         let t = Instant::now();
         sbx = paused.resume().await.expect("resume");
-        eprintln!("round {round}: resumed (agent answering) in {:.2?}", t.elapsed());
+        eprintln!(
+            "round {round}: resumed (agent answering) in {:.2?}",
+            t.elapsed()
+        );
         seen = check_state(&sbx, &pid, seen).await;
     }
 
@@ -143,7 +165,10 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     );
     std::fs::write(&state_path, &state_bytes[..state_bytes.len() - 100]).unwrap();
     let err = rt.connect(&id).await.unwrap_err();
-    assert!(matches!(err, Error::Snapshot(SnapshotError::Corrupt { .. })), "{err}");
+    assert!(
+        matches!(err, Error::Snapshot(SnapshotError::Corrupt { .. })),
+        "{err}"
+    );
     std::fs::write(&state_path, &state_bytes).unwrap();
     let mut bad_manifest = manifest.clone();
     let at = bad_manifest.len() / 3;
@@ -207,7 +232,11 @@ async fn child_resumes_by_id() {
     let t = Instant::now();
     let sbx = rt.connect(id.to_str().unwrap()).await.expect("connect");
     eprintln!("child: resumed by id in {:.2?}", t.elapsed());
-    let out = run(&sbx, "cat /tmp/in-memory; echo 'child was here' > /tmp/from-child").await;
+    let out = run(
+        &sbx,
+        "cat /tmp/in-memory; echo 'child was here' > /tmp/from-child",
+    )
+    .await;
     assert_eq!(out, "memory 42\n");
     let paused = sbx.pause().await.expect("child: pause");
     drop(paused);

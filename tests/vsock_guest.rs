@@ -190,7 +190,10 @@ while True:\n\
                 )
                 .await
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-                panic!("echo server after {:.1?}: {e}; its log: {log:?}", t.elapsed())
+                panic!(
+                    "echo server after {:.1?}: {e}; its log: {log:?}",
+                    t.elapsed()
+                )
             }
         }
     };

@@ -26,8 +26,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use meta::Meta;
 pub(crate) use meta::crc32;
+use meta::Meta;
 
 /// The copy-on-write granularity, in bytes.
 pub const BLOCK_SIZE: u64 = 4096;

@@ -8,13 +8,19 @@
 //!   directory), so it always names one complete snapshot.
 //! - `state-<generation>.json`: the machine state (vCPUs, interrupt
 //!   controllers, clock, devices), CRC-32 checked.
-//! - `memory-<generation>`: guest memory, all-zero pages left as holes,
-//!   mapped privately on resume so pages load lazily.
+//! - memory layers. The base, `memory-<generation>`, holds every page the
+//!   guest touched (all-zero pages left as holes); it is mapped privately
+//!   on resume so pages load lazily. Each later pause adds a layer with only
+//!   the pages written since the resume before it (KVM's dirty log and the
+//!   VMM's own writes): `memory-<generation>` at the pages' offsets plus
+//!   `memory-<generation>.pages`, a bitmap of them (CRC-32 in the manifest).
+//!   Resume copies the layers' pages over the base, oldest first. When the
+//!   chain reaches [`MAX_LAYERS`] the next pause writes a new base instead.
 //!
 //! A pause writes a new generation next to the current one and switches the
-//! manifest last; files of other generations are removed afterwards, and
-//! ones a crash left behind are removed at the next pause. Every byte read
-//! back is validated before use.
+//! manifest last; files the new manifest does not name are removed
+//! afterwards, and ones a crash left behind are removed at the next pause.
+//! Every byte read back is validated before use.
 
 use std::fs::File;
 use std::io::Write;
@@ -36,6 +42,9 @@ pub const VERSION: u32 = 1;
 const MAX_STATE_LEN: u64 = 64 << 20;
 /// The largest manifest accepted.
 const MAX_MANIFEST_LEN: u64 = 64 << 10;
+/// Memory files (base and layers) a snapshot may have before a pause
+/// writes a new base.
+pub const MAX_LAYERS: usize = 8;
 
 /// Errors reading or writing snapshot files.
 #[derive(Debug, thiserror::Error)]
@@ -119,14 +128,74 @@ pub struct Manifest {
     pub state_len: u64,
     /// Its CRC-32.
     pub state_crc32: u32,
-    /// The memory file's name.
-    pub memory_file: String,
-    /// Guest memory size (the memory file's length).
+    /// Guest memory size (every memory file's length).
     pub memory_len: u64,
-    /// Bytes of memory actually written (non-zero pages).
-    pub memory_written: u64,
+    /// The base memory file, then the layers over it, oldest first.
+    pub memory: Vec<MemoryLayer>,
     /// When the pause finished, in milliseconds since the Unix epoch.
     pub paused_at_ms: u64,
+    /// CRC-32 of the manifest as written with this field 0.
+    pub checksum: u32,
+}
+
+impl Manifest {
+    /// The manifest's bytes with its checksum set.
+    fn seal(mut self) -> (Manifest, Vec<u8>) {
+        self.checksum = 0;
+        self.checksum = crc32(&self.encode());
+        let bytes = self.encode();
+        (self, bytes)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("a manifest serialises")
+    }
+
+    /// Whether the checksum matches the content.
+    fn verify(&self) -> bool {
+        let mut unsealed = self.clone();
+        unsealed.checksum = 0;
+        crc32(&unsealed.encode()) == self.checksum
+    }
+}
+
+/// One memory file of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryLayer {
+    /// The file's name.
+    pub file: String,
+    /// Bytes of page data written to it.
+    pub written: u64,
+    /// For a layer (not the base): the CRC-32 of its page bitmap, which is
+    /// in `<file>.pages`.
+    pub pages_crc32: Option<u32>,
+}
+
+/// The memory files of a snapshot, opened and checked.
+#[derive(Debug)]
+pub struct MemoryFiles {
+    /// The base: every page as it was at the base's pause.
+    pub base: File,
+    /// Layers, oldest first: the file and its page bitmap.
+    pub layers: Vec<(File, Vec<u64>)>,
+}
+
+/// How a pause writes guest memory.
+#[derive(Debug, Clone, Copy)]
+pub enum MemoryWrite<'a> {
+    /// A new base with every non-zero page (a scan of all of memory).
+    Full,
+    /// A new base with the non-zero pages among the ones given (the first
+    /// pause after boot: the pages ever written).
+    BaseOf(&'a [u64]),
+    /// A layer of the pages given (written since the resume from `on`).
+    Layer {
+        /// The pages written since the resume.
+        dirty: &'a [u64],
+        /// The snapshot the machine was resumed from.
+        on: &'a Manifest,
+    },
 }
 
 /// Whether `dir` holds a snapshot.
@@ -140,6 +209,14 @@ fn state_name(generation: u64) -> String {
 
 fn memory_name(generation: u64) -> String {
     format!("memory-{generation}")
+}
+
+fn pages_name(memory_file: &str) -> String {
+    format!("{memory_file}.pages")
+}
+
+fn bitmap_bytes(bits: &[u64]) -> Vec<u8> {
+    bits.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
@@ -159,7 +236,11 @@ fn next_generation(dir: &Path) -> Result<u64, SnapshotError> {
         let Some(name) = name.to_str() else { continue };
         let number = name
             .strip_prefix("memory-")
-            .or_else(|| name.strip_prefix("state-").and_then(|n| n.strip_suffix(".json")));
+            .map(|n| n.strip_suffix(".pages").unwrap_or(n))
+            .or_else(|| {
+                name.strip_prefix("state-")
+                    .and_then(|n| n.strip_suffix(".json"))
+            });
         if let Some(n) = number.and_then(|n| n.parse::<u64>().ok()) {
             last = last.max(n);
         }
@@ -175,37 +256,67 @@ fn write_synced(path: &Path, data: &[u8]) -> Result<(), SnapshotError> {
     file.sync_all().map_err(SnapshotError::io("fsync", path))
 }
 
-/// Writes a snapshot of a paused machine into `dir` as generation
-/// `previous + 1` and makes it the current one. `before_commit` runs after
-/// the new files are durable and before the manifest switches (the caller
-/// flushes the disk overlay there). Returns the new manifest and what the
-/// memory file got.
+/// Writes a snapshot of a paused machine into `dir` as a new generation and
+/// makes it the current one. `before_commit` runs after the new files are
+/// durable and before the manifest switches (the caller flushes the disk
+/// overlay there). Returns the new manifest and what was written of memory.
 pub fn write(
     dir: &Path,
     sandbox: &SandboxRecord,
     state: &MachineState,
     mem: &GuestMemory,
+    how: MemoryWrite<'_>,
     before_commit: impl FnOnce() -> Result<(), SnapshotError>,
 ) -> Result<(Manifest, SaveStats), SnapshotError> {
+    let how = match how {
+        MemoryWrite::Layer { on, .. } if on.memory.len() >= MAX_LAYERS => MemoryWrite::Full,
+        other => other,
+    };
     let generation = next_generation(dir)?;
     let state_file = state_name(generation);
     let memory_file = memory_name(generation);
     let state_path = dir.join(&state_file);
     let memory_path = dir.join(&memory_file);
+    let pages_path = dir.join(pages_name(&memory_file));
     let result = (|| {
         // Never an existing file: the running guest's memory may be a
-        // mapping of the previous generation's.
+        // mapping of an earlier generation's.
         let mem_file = File::options()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&memory_path)
             .map_err(SnapshotError::io("create", &memory_path))?;
-        let stats = memory::save_to_file(mem, &mem_file)
-            .map_err(SnapshotError::io("write", &memory_path))?;
+        let (stats, mut layers, pages_crc32) = match how {
+            MemoryWrite::Full => (
+                memory::save_pages(mem, &mem_file, None, true),
+                Vec::new(),
+                None,
+            ),
+            MemoryWrite::BaseOf(pages) => (
+                memory::save_pages(mem, &mem_file, Some(pages), true),
+                Vec::new(),
+                None,
+            ),
+            MemoryWrite::Layer { dirty, on } => {
+                let bytes = bitmap_bytes(dirty);
+                write_synced(&pages_path, &bytes)?;
+                (
+                    memory::save_pages(mem, &mem_file, Some(dirty), false),
+                    on.memory.clone(),
+                    Some(crc32(&bytes)),
+                )
+            }
+        };
+        let stats = stats.map_err(SnapshotError::io("write", &memory_path))?;
         mem_file
             .sync_all()
             .map_err(SnapshotError::io("fsync", &memory_path))?;
+        layers.push(MemoryLayer {
+            file: memory_file.clone(),
+            written: stats.written,
+            pages_crc32,
+        });
         let state_json = serde_json::to_vec(state).map_err(|e| SnapshotError::Io {
             what: "serialise the machine state for",
             path: state_path.clone(),
@@ -221,14 +332,14 @@ pub fn write(
             state_file: state_file.clone(),
             state_len: state_json.len() as u64,
             state_crc32: crc32(&state_json),
-            memory_file: memory_file.clone(),
             memory_len: stats.total,
-            memory_written: stats.written,
+            memory: layers,
             paused_at_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
+            checksum: 0,
         };
-        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+        let (manifest, json) = manifest.seal();
         let tmp = dir.join(format!("{MANIFEST}.tmp"));
         write_synced(&tmp, &json)?;
         std::fs::rename(&tmp, dir.join(MANIFEST))
@@ -237,21 +348,26 @@ pub fn write(
         Ok((manifest, stats))
     })();
     match &result {
-        Ok(_) => remove_stale(dir, generation),
+        Ok((manifest, _)) => remove_stale(dir, manifest),
         Err(_) => {
             let _ = std::fs::remove_file(&state_path);
             let _ = std::fs::remove_file(&memory_path);
+            let _ = std::fs::remove_file(&pages_path);
         }
     }
     result
 }
 
-/// Removes state and memory files of generations other than `keep`.
-fn remove_stale(dir: &Path, keep: u64) {
+/// Removes state and memory files `manifest` does not name.
+fn remove_stale(dir: &Path, manifest: &Manifest) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let keep = [state_name(keep), memory_name(keep)];
+    let mut keep = vec![manifest.state_file.clone()];
+    for layer in &manifest.memory {
+        keep.push(layer.file.clone());
+        keep.push(pages_name(&layer.file));
+    }
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
@@ -296,6 +412,15 @@ fn valid_file_name(name: &str, prefix: &str) -> bool {
 pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
     let path = dir.join(MANIFEST);
     let data = read_bounded(&path, MAX_MANIFEST_LEN)?;
+    parse_manifest(&path, &data)
+}
+
+/// Parses and validates manifest bytes; `path` names the file in errors.
+pub fn parse_manifest(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
+    let path = path.to_owned();
+    if data.len() as u64 > MAX_MANIFEST_LEN {
+        return Err(SnapshotError::corrupt(&path, "too long"));
+    }
     // Format and version first, so that a newer writer's extra fields give
     // "incompatible", not "corrupt".
     #[derive(Deserialize)]
@@ -303,7 +428,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
         format: String,
         version: u32,
     }
-    let head: Head = serde_json::from_slice(&data)
+    let head: Head = serde_json::from_slice(data)
         .map_err(|e| SnapshotError::corrupt(&path, format!("not a snapshot manifest: {e}")))?;
     if head.format != FORMAT {
         return Err(SnapshotError::corrupt(
@@ -320,10 +445,16 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
             ),
         });
     }
-    let manifest: Manifest = serde_json::from_slice(&data)
+    let manifest: Manifest = serde_json::from_slice(data)
         .map_err(|e| SnapshotError::corrupt(&path, format!("invalid manifest: {e}")))?;
+    if !manifest.verify() {
+        return Err(SnapshotError::corrupt(&path, "checksum mismatch"));
+    }
     if !valid_file_name(&manifest.state_file, "state-")
-        || !valid_file_name(&manifest.memory_file, "memory-")
+        || manifest
+            .memory
+            .iter()
+            .any(|layer| !valid_file_name(&layer.file, "memory-"))
     {
         return Err(SnapshotError::corrupt(
             &path,
@@ -332,6 +463,23 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
     }
     if manifest.state_len > MAX_STATE_LEN {
         return Err(SnapshotError::corrupt(&path, "state length out of range"));
+    }
+    if manifest.memory.is_empty() || manifest.memory.len() > MAX_LAYERS {
+        return Err(SnapshotError::corrupt(
+            &path,
+            format!(
+                "{} memory files (1 to {MAX_LAYERS} allowed)",
+                manifest.memory.len()
+            ),
+        ));
+    }
+    let layers_ok = manifest.memory[0].pages_crc32.is_none()
+        && manifest.memory[1..].iter().all(|l| l.pages_crc32.is_some());
+    if !layers_ok {
+        return Err(SnapshotError::corrupt(
+            &path,
+            "the memory files are not a base followed by layers",
+        ));
     }
     if manifest.memory_len != u64::from(manifest.sandbox.mem_mib) << 20 {
         return Err(SnapshotError::corrupt(
@@ -342,9 +490,50 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
     Ok(manifest)
 }
 
+/// Parses machine state bytes (after their checksum was checked); `path`
+/// names the file in errors. Only the shape is checked here: KVM validates
+/// register contents when they are restored.
+pub fn parse_state(path: &Path, data: &[u8]) -> Result<MachineState, SnapshotError> {
+    if data.len() as u64 > MAX_STATE_LEN {
+        return Err(SnapshotError::corrupt(path, "too long"));
+    }
+    let state: MachineState = serde_json::from_slice(data)
+        .map_err(|e| SnapshotError::corrupt(path, format!("invalid machine state: {e}")))?;
+    if state.vcpus.is_empty() || state.vcpus.len() > 254 {
+        return Err(SnapshotError::corrupt(
+            path,
+            format!("{} vCPUs", state.vcpus.len()),
+        ));
+    }
+    if state.devices.len() > 32 {
+        return Err(SnapshotError::corrupt(
+            path,
+            format!("{} devices", state.devices.len()),
+        ));
+    }
+    Ok(state)
+}
+
+/// Opens a memory file and checks its length.
+fn open_memory(dir: &Path, name: &str, len: u64) -> Result<File, SnapshotError> {
+    let path = dir.join(name);
+    let file = File::open(&path).map_err(SnapshotError::io("open", &path))?;
+    let actual = file
+        .metadata()
+        .map_err(SnapshotError::io("stat", &path))?
+        .len();
+    if actual != len {
+        return Err(SnapshotError::corrupt(
+            &path,
+            format!("{actual} bytes, the manifest says {len}"),
+        ));
+    }
+    Ok(file)
+}
+
 /// Reads the snapshot of `dir`: the manifest, the machine state, and the
-/// memory file (open, length checked).
-pub fn read(dir: &Path) -> Result<(Manifest, MachineState, File), SnapshotError> {
+/// memory files (opened; lengths and page bitmaps checked).
+pub fn read(dir: &Path) -> Result<(Manifest, MachineState, MemoryFiles), SnapshotError> {
     let manifest = read_manifest(dir)?;
     let state_path = dir.join(&manifest.state_file);
     let data = read_bounded(&state_path, MAX_STATE_LEN)?;
@@ -368,8 +557,7 @@ pub fn read(dir: &Path) -> Result<(Manifest, MachineState, File), SnapshotError>
             ),
         ));
     }
-    let state: MachineState = serde_json::from_slice(&data)
-        .map_err(|e| SnapshotError::corrupt(&state_path, format!("invalid machine state: {e}")))?;
+    let state = parse_state(&state_path, &data)?;
     if state.mem_size != manifest.memory_len
         || state.vcpus.len() != usize::from(manifest.sandbox.vcpus)
     {
@@ -378,17 +566,34 @@ pub fn read(dir: &Path) -> Result<(Manifest, MachineState, File), SnapshotError>
             "machine state does not match the manifest",
         ));
     }
-    let memory_path = dir.join(&manifest.memory_file);
-    let memory = File::open(&memory_path).map_err(SnapshotError::io("open", &memory_path))?;
-    let len = memory
-        .metadata()
-        .map_err(SnapshotError::io("stat", &memory_path))?
-        .len();
-    if len != manifest.memory_len {
-        return Err(SnapshotError::corrupt(
-            &memory_path,
-            format!("{len} bytes, the manifest says {}", manifest.memory_len),
-        ));
+    let len = manifest.memory_len;
+    let base = open_memory(dir, &manifest.memory[0].file, len)?;
+    let bitmap_len = len.div_ceil(memory::PAGE_SIZE as u64 * 64) * 8;
+    let mut layers = Vec::with_capacity(manifest.memory.len() - 1);
+    for layer in &manifest.memory[1..] {
+        let file = open_memory(dir, &layer.file, len)?;
+        let pages_path = dir.join(pages_name(&layer.file));
+        let bytes = read_bounded(&pages_path, bitmap_len)?;
+        if bytes.len() as u64 != bitmap_len {
+            return Err(SnapshotError::corrupt(
+                &pages_path,
+                format!(
+                    "{} bytes, a page bitmap of this memory has {bitmap_len}",
+                    bytes.len()
+                ),
+            ));
+        }
+        if Some(crc32(&bytes)) != layer.pages_crc32 {
+            return Err(SnapshotError::corrupt(&pages_path, "CRC-32 mismatch"));
+        }
+        let bits = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+            .collect();
+        layers.push((file, bits));
     }
-    Ok((manifest, state, memory))
+    Ok((manifest, state, MemoryFiles { base, layers }))
 }
+
+#[cfg(test)]
+mod tests;

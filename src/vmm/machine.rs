@@ -194,6 +194,9 @@ impl Machine {
             "i8042.nokbd".to_owned(),
             // The VMM hands the guest an RNG seed (boot::write_rng_seed).
             "random.trust_bootloader=on".to_owned(),
+            // kvmclock, which KVM_SET_CLOCK restores, rather than the raw
+            // TSC, which starts from a new offset in every restored VM.
+            "clocksource=kvm-clock".to_owned(),
             host.kernel_params().to_owned(),
         ];
         let slots = attach_devices(&vm, config.devices, None)?;
@@ -298,6 +301,12 @@ impl Machine {
         })
     }
 
+    /// The pages written since the last call, or since the machine was
+    /// booted or restored (see [`Vm::take_dirty_pages`]). Call while paused.
+    pub fn take_dirty_pages(&self) -> Result<Vec<u64>, MachineError> {
+        Ok(self.vm.take_dirty_pages()?)
+    }
+
     /// Lets a machine stopped by [`pause`](Self::pause) run on.
     pub fn resume(&mut self) -> Result<(), MachineError> {
         if self.parked.is_empty() {
@@ -348,7 +357,6 @@ impl Machine {
         }
         let kvm = open_kvm(&config.kvm_path)?;
         let vm = Vm::with_memory(kvm, config.memory)?;
-        state::restore_vm(vm.fd(), &saved.vm)?;
         let console =
             Console::append_to_file(&config.console_log).map_err(|source| MachineError::Io {
                 what: format!(
@@ -363,17 +371,20 @@ impl Machine {
         let mut fds = Vec::with_capacity(saved.vcpus.len());
         for (index, vcpu) in saved.vcpus.iter().enumerate() {
             let index = index as u8;
-            let fd = vm
-                .fd()
-                .create_vcpu(u64::from(index))
-                .map_err(|source| MachineError::Vcpu {
-                    index,
-                    op: "KVM_CREATE_VCPU",
-                    source,
-                })?;
+            let fd =
+                vm.fd()
+                    .create_vcpu(u64::from(index))
+                    .map_err(|source| MachineError::Vcpu {
+                        index,
+                        op: "KVM_CREATE_VCPU",
+                        source,
+                    })?;
             state::restore_vcpu(index, &fd, vcpu)?;
             fds.push(fd);
         }
+        // After the vCPUs: their TSC MSRs move the TSC, and kvmclock must be
+        // set relative to the TSC the guest will see (Firecracker's order).
+        state::restore_vm(vm.fd(), &saved.vm)?;
         let mut machine = Machine {
             vcpus: Vec::new(),
             parked: fds,

@@ -45,7 +45,26 @@ fn is_zero(page: &[u8]) -> bool {
 /// nothing writes guest memory (vCPUs and device workers stopped), to a new,
 /// empty file (never one guest memory is mapped from). The caller syncs it.
 pub fn save_to_file(mem: &GuestMemory, file: &File) -> io::Result<SaveStats> {
+    save_pages(mem, file, None, true)
+}
+
+/// Like [`save_to_file`], but writes only the pages whose bit is set in
+/// `pages` (one bit per page in file order, as `Vm::take_dirty_pages`
+/// gives), or every page if `None`. All-zero pages are skipped (left as
+/// holes) if `skip_zero`; a layer over older data must keep them.
+pub fn save_pages(
+    mem: &GuestMemory,
+    file: &File,
+    pages: Option<&[u64]>,
+    skip_zero: bool,
+) -> io::Result<SaveStats> {
     let mut stats = SaveStats::default();
+    let wanted = |page: usize| {
+        pages.is_none_or(|bits| {
+            bits.get(page / 64)
+                .is_some_and(|w| w & (1 << (page % 64)) != 0)
+        })
+    };
     for region in mem.iter() {
         let len = region.len() as usize;
         // SAFETY: the region is a live mapping of `len` bytes owned by
@@ -54,12 +73,14 @@ pub fn save_to_file(mem: &GuestMemory, file: &File) -> io::Result<SaveStats> {
         // sound.
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().cast_const(), len) };
         let base = stats.total;
-        let mut run: Option<usize> = None; // start of a run of non-zero pages
+        let first_page = (base / PAGE_SIZE as u64) as usize;
+        let mut run: Option<usize> = None; // start of a run of pages to write
         for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
             let at = i * PAGE_SIZE;
-            match (is_zero(page), run) {
-                (false, None) => run = Some(at),
-                (true, Some(start)) => {
+            let write = wanted(first_page + i) && !(skip_zero && is_zero(page));
+            match (write, run) {
+                (true, None) => run = Some(at),
+                (false, Some(start)) => {
                     file.write_all_at(&bytes[start..at], base + start as u64)?;
                     stats.written += (at - start) as u64;
                     run = None;
@@ -75,6 +96,45 @@ pub fn save_to_file(mem: &GuestMemory, file: &File) -> io::Result<SaveStats> {
     }
     file.set_len(stats.total)?;
     Ok(stats)
+}
+
+/// Copies the pages whose bit is set in `pages` from `file` (a layer
+/// written by [`save_pages`]) into guest memory; returns the bytes copied.
+/// Call before the vCPUs start.
+pub fn load_pages(mem: &GuestMemory, file: &File, pages: &[u64]) -> io::Result<u64> {
+    let mut copied = 0;
+    let mut base = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        // SAFETY: the region is a live, writable mapping of `len` bytes owned
+        // by `mem`; nothing else accesses guest memory before the vCPUs and
+        // devices start, which the caller guarantees.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), len) };
+        let first_page = (base / PAGE_SIZE as u64) as usize;
+        let count = len / PAGE_SIZE;
+        let set = |i: usize| {
+            let page = first_page + i;
+            pages
+                .get(page / 64)
+                .is_some_and(|w| w & (1 << (page % 64)) != 0)
+        };
+        let mut i = 0;
+        while i < count {
+            if !set(i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < count && set(i) {
+                i += 1;
+            }
+            let range = start * PAGE_SIZE..i * PAGE_SIZE;
+            file.read_exact_at(&mut bytes[range.clone()], base + range.start as u64)?;
+            copied += range.len() as u64;
+        }
+        base += len as u64;
+    }
+    Ok(copied)
 }
 
 /// Maps `file` (as written by [`save_to_file`]) as `mem_size` bytes of
@@ -150,5 +210,32 @@ mod tests {
         assert_eq!(&on_disk, b"hello");
         // The wrong size is refused.
         assert!(map_file(&file, 4 << 20).is_err());
+
+        // A layer: only the marked pages, zero ones included, land on top.
+        mem.write_slice(&[0u8; 5], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(b"layer", GuestAddress(0x3000)).unwrap();
+        let mut pages = vec![0u64; size / PAGE_SIZE / 64];
+        pages[0] = 0b1010; // pages 1 and 3
+        let layer_path = dir.path().join("layer");
+        let layer = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&layer_path)
+            .unwrap();
+        let stats = save_pages(&mem, &layer, Some(&pages), false).unwrap();
+        assert_eq!(stats.written, 2 * PAGE_SIZE as u64);
+        let back = map_file(&file, size as u64).unwrap();
+        assert_eq!(
+            load_pages(&back, &layer, &pages).unwrap(),
+            2 * PAGE_SIZE as u64
+        );
+        back.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
+        assert_eq!(buf, [0; 5]);
+        back.read_slice(&mut buf, GuestAddress(0x3000)).unwrap();
+        assert_eq!(&buf, b"layer");
+        back.read_slice(&mut big, GuestAddress(0x7ff000 - 904))
+            .unwrap();
+        assert!(big.iter().all(|&b| b == 7));
     }
 }

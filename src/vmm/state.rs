@@ -10,9 +10,9 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
-    kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES,
+    kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -150,11 +150,7 @@ pub fn saveable_msrs(kvm: &Kvm) -> Result<Vec<u32>, StateError> {
 }
 
 /// Reads the MSRs in `indices`; ones KVM cannot read are left out.
-fn save_msrs(
-    index: u8,
-    fd: &VcpuFd,
-    indices: &[u32],
-) -> Result<Vec<kvm_msr_entry>, StateError> {
+fn save_msrs(index: u8, fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
     let mut out = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
@@ -251,8 +247,7 @@ pub fn restore_vcpu(index: u8, fd: &VcpuFd, state: &VcpuState) -> Result<(), Sta
         unsafe { fd.set_xsave(xsave) }.map_err(vcpu_err(index, "KVM_SET_XSAVE"))?;
     }
     if let Some(xcrs) = &state.xcrs {
-        fd.set_xcrs(xcrs)
-            .map_err(vcpu_err(index, "KVM_SET_XCRS"))?;
+        fd.set_xcrs(xcrs).map_err(vcpu_err(index, "KVM_SET_XCRS"))?;
     }
     fd.set_debug_regs(&state.debugregs)
         .map_err(vcpu_err(index, "KVM_SET_DEBUGREGS"))?;
@@ -315,7 +310,7 @@ pub fn save_vm(fd: &VmFd) -> Result<VmState, StateError> {
 }
 
 /// Restores the VM-wide state into a VM with an in-kernel irqchip and PIT,
-/// before its vCPUs are created.
+/// after its vCPUs were restored.
 pub fn restore_vm(fd: &VmFd, state: &VmState) -> Result<(), StateError> {
     for (chip, id) in [
         (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
@@ -328,8 +323,7 @@ pub fn restore_vm(fd: &VmFd, state: &VmState) -> Result<(), StateError> {
                 chip.chip_id
             )));
         }
-        fd.set_irqchip(chip)
-            .map_err(vm_err("KVM_SET_IRQCHIP"))?;
+        fd.set_irqchip(chip).map_err(vm_err("KVM_SET_IRQCHIP"))?;
     }
     fd.set_pit2(&state.pit).map_err(vm_err("KVM_SET_PIT2"))?;
     // Only the clock value is restored; flags such as KVM_CLOCK_TSC_STABLE

@@ -4,7 +4,9 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -99,7 +101,9 @@ impl Vm {
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                // Dirty pages are logged from the start: a pause writes only
+                // the pages written since the last one.
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -128,6 +132,30 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
+    }
+
+    /// The pages written since the last call (or since the VM was created),
+    /// by the guest (KVM's dirty log) or by the VMM and its devices (the
+    /// memory's own bitmap): one bit per 4 KiB page, regions one after
+    /// another in address order, and resets both. Call with the vCPUs and
+    /// devices stopped.
+    pub fn take_dirty_pages(&self) -> Result<Vec<u64>, VmError> {
+        let mut bitmap = Vec::new();
+        for (slot, region) in self.mem.iter().enumerate() {
+            let len = region.len() as usize;
+            let kvm = self
+                .fd
+                .get_dirty_log(slot as u32, len)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            let mapping: &vm_memory::mmap::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+            let vmm = mapping.bitmap().get_and_reset();
+            bitmap.extend(
+                kvm.iter()
+                    .zip(vmm.iter().chain(std::iter::repeat(&0)))
+                    .map(|(k, v)| k | v),
+            );
+        }
+        Ok(bitmap)
     }
 
     /// Creates an eventfd that injects `gsi` when written.

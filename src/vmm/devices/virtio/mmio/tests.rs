@@ -77,7 +77,12 @@ impl VirtioDevice for Dummy {
         !rec.fail_reset
     }
     fn quiesce(&mut self) -> Vec<Queue> {
-        self.rec.lock().unwrap().activations.pop().unwrap_or_default()
+        self.rec
+            .lock()
+            .unwrap()
+            .activations
+            .pop()
+            .unwrap_or_default()
     }
 }
 

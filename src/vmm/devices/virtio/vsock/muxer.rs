@@ -63,6 +63,25 @@ pub(super) struct Muxer {
     touched: Vec<ConnKey>,
 }
 
+/// Where a device starts numbering host ports: a random place in the range.
+/// After a snapshot is restored the guest may still hold sockets of the
+/// connections the old device made (reset, but not yet closed by their
+/// owners); a new connection with the same port pair would hit one of them
+/// and be refused. With 3 * 2^30 ports to start from, that does not happen.
+fn first_local_port() -> u32 {
+    let mut seed = [0u8; 4];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        .map(|()| u32::from_le_bytes(seed))
+        .unwrap_or_else(|_| {
+            // No /dev/urandom: the clock is random enough for this.
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        });
+    HOST_PORT_BASE + random % (u32::MAX - HOST_PORT_BASE)
+}
+
 impl Muxer {
     /// An empty table; connection epoll tokens start at `first_token`.
     pub fn new(guest_cid: u64, first_token: u64) -> Self {
@@ -72,7 +91,7 @@ impl Muxer {
             tokens: HashMap::new(),
             next_token: first_token,
             local_ports: HashSet::new(),
-            next_local_port: HOST_PORT_BASE,
+            next_local_port: first_local_port(),
             ctrl: VecDeque::new(),
             ready: VecDeque::new(),
             touched: Vec::new(),
