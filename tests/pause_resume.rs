@@ -44,15 +44,27 @@ async fn run(sbx: &Sandbox<Running>, cmd: &str) -> String {
 /// Checks what must survive every pause: the counter process (same pid,
 /// counting on from where it was), a file in tmpfs (guest memory) and one
 /// on the disk.
-async fn check_state(sbx: &Sandbox<Running>, pid: &str, at_least: u64) -> u64 {
+async fn check_state(sbx: &Sandbox<Running>, pid: &str, at_least: u64, booted: Instant) -> u64 {
     let out = run(
         sbx,
         "cat /tmp/counter.pid; kill -0 $(cat /tmp/counter.pid) && echo alive; \
-         cat /tmp/in-memory; cat /root/on-disk; cat /tmp/count",
+         cat /tmp/in-memory; cat /root/on-disk; cat /tmp/count; cat /proc/uptime",
     )
     .await;
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 5, "{out}");
+    assert_eq!(lines.len(), 6, "{out}");
+    // The guest's clock runs on across restores: never ahead of the time
+    // that passed here since the boot began.
+    let uptime: f64 = lines[5]
+        .split_whitespace()
+        .next()
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("uptime in {out}"));
+    assert!(
+        uptime <= booted.elapsed().as_secs_f64() + 5.0,
+        "guest uptime {uptime} s, but only {:.0?} passed since boot",
+        booted.elapsed()
+    );
     assert_eq!(lines[..4], [pid, "alive", "memory 42", "disk 42"], "{out}");
     let n: u64 = lines[4].parse().unwrap();
     assert!(
@@ -85,6 +97,7 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     let Some(rt) = runtime(state.path()).await else {
         return;
     };
+    let booted = Instant::now();
     let sbx = rt
         .create(TEMPLATE, SandboxConfig::default())
         .await
@@ -102,7 +115,7 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     )
     .await;
     let pid = pid.trim().to_owned();
-    let mut seen = check_state(&sbx, &pid, 1).await;
+    let mut seen = check_state(&sbx, &pid, 1, booted).await;
 
     // Pause and resume in this process, 20 times in a row (past the
     // number of memory layers a snapshot keeps before writing a new base).
@@ -128,7 +141,7 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
             "round {round}: resumed (agent answering) in {:.2?}",
             t.elapsed()
         );
-        seen = check_state(&sbx, &pid, seen).await;
+        seen = check_state(&sbx, &pid, seen, booted).await;
     }
 
     // Pause, drop the handle, resume in another process, which pauses it
@@ -202,7 +215,7 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     let sbx = rt.connect(&id).await.expect("resume after the child");
     let out = run(&sbx, "cat /tmp/from-child").await;
     assert_eq!(out, "child was here\n");
-    check_state(&sbx, &pid, seen).await;
+    check_state(&sbx, &pid, seen, booted).await;
 
     // A running sandbox cannot be taken by id; a paused one can be killed.
     assert!(matches!(
