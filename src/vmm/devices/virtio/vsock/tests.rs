@@ -338,6 +338,11 @@ impl Guest {
     /// Publishes a chain of (addr, len, flags) descriptors; NEXT is added.
     fn send_descs(&mut self, descs: &[(u64, u32, u16)]) {
         let ids = self.alloc_tx(descs.len());
+        self.publish_tx(ids, descs);
+    }
+
+    /// Publishes `descs` in the descriptors `ids` (as many), chained.
+    fn publish_tx(&mut self, ids: Vec<u16>, descs: &[(u64, u32, u16)]) {
         for (k, &(addr, len, flags)) in descs.iter().enumerate() {
             let (flags, next) = match ids.get(k + 1) {
                 Some(&next) => (flags | VRING_DESC_F_NEXT as u16, next),
@@ -352,32 +357,36 @@ impl Guest {
     }
 
     /// Puts a packet on the TX queue: `hdr` with `len` set to the payload's.
+    /// Its bytes live in the buffer slot of the chain's first descriptor,
+    /// which stays allocated until the device returns the chain.
     fn send(&mut self, mut hdr: Header, data: &[u8]) {
         assert!(data.len() <= 0x2000 - PKT_HEADER_SIZE);
         hdr.len = data.len() as u32;
-        let ids = self.alloc_tx(1);
-        // Use the slot of a free descriptor for the bytes.
+        let count = match (data.is_empty(), self.layout) {
+            (true, _) | (false, Layout::Single) => 1,
+            (false, Layout::Split) => 2,
+        };
+        let ids = self.alloc_tx(count);
         let addr = TX_BUFS + u64::from(ids[0]) * 0x2000;
-        self.tx_free.push(ids[0]);
         self.mem
             .write_slice(&hdr.to_bytes(), GuestAddress(addr))
             .unwrap();
         let h = PKT_HEADER_SIZE as u32;
         if data.is_empty() {
-            return self.send_descs(&[(addr, h, 0)]);
+            return self.publish_tx(ids, &[(addr, h, 0)]);
         }
         match self.layout {
             Layout::Single => {
                 self.mem
                     .write_slice(data, GuestAddress(addr + u64::from(h)))
                     .unwrap();
-                self.send_descs(&[(addr, h + data.len() as u32, 0)]);
+                self.publish_tx(ids, &[(addr, h + data.len() as u32, 0)]);
             }
             Layout::Split => {
                 self.mem
                     .write_slice(data, GuestAddress(addr + 0x100))
                     .unwrap();
-                self.send_descs(&[(addr, h, 0), (addr + 0x100, data.len() as u32, 0)]);
+                self.publish_tx(ids, &[(addr, h, 0), (addr + 0x100, data.len() as u32, 0)]);
             }
         }
     }
