@@ -47,8 +47,8 @@ async fn run(sbx: &Sandbox<Running>, cmd: &str) -> String {
 async fn check_state(sbx: &Sandbox<Running>, pid: &str, at_least: u64, booted: Instant) -> u64 {
     let out = run(
         sbx,
-        "cat /tmp/counter.pid; kill -0 $(cat /tmp/counter.pid) && echo alive; \
-         cat /tmp/in-memory; cat /root/on-disk; cat /tmp/count; cat /proc/uptime",
+        "echo $(cat /tmp/counter.pid); kill -0 $(cat /tmp/counter.pid) && echo alive; \
+         cat /tmp/in-memory; cat /root/on-disk; echo $(cat /tmp/count); cat /proc/uptime",
     )
     .await;
     let lines: Vec<&str> = out.lines().collect();
