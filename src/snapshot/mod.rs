@@ -268,8 +268,14 @@ pub fn write(
     how: MemoryWrite<'_>,
     before_commit: impl FnOnce() -> Result<(), SnapshotError>,
 ) -> Result<(Manifest, SaveStats), SnapshotError> {
+    // A full chain is merged into a new base of the pages the chain holds
+    // plus the dirty ones: no scan of never-touched memory.
+    let merged;
     let how = match how {
-        MemoryWrite::Layer { on, .. } if on.memory.len() >= MAX_LAYERS => MemoryWrite::Full,
+        MemoryWrite::Layer { dirty, on } if on.memory.len() >= MAX_LAYERS => {
+            merged = touched_pages(dir, on, dirty)?;
+            MemoryWrite::BaseOf(&merged)
+        }
         other => other,
     };
     let generation = next_generation(dir)?;
@@ -356,6 +362,60 @@ pub fn write(
         }
     }
     result
+}
+
+/// The pages a snapshot's memory files hold (the base's data extents and
+/// the layers' pages) plus `dirty`.
+fn touched_pages(dir: &Path, on: &Manifest, dirty: &[u64]) -> Result<Vec<u64>, SnapshotError> {
+    use std::os::fd::AsRawFd;
+    let mut pages = dirty.to_vec();
+    let mut mark = |first: u64, end: u64| {
+        for page in first..end {
+            let (word, bit) = ((page / 64) as usize, page % 64);
+            if let Some(w) = pages.get_mut(word) {
+                *w |= 1 << bit;
+            }
+        }
+    };
+    let page = memory::PAGE_SIZE as u64;
+    let base_path = dir.join(&on.memory[0].file);
+    let base = File::open(&base_path).map_err(SnapshotError::io("open", &base_path))?;
+    let len = on.memory_len;
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: lseek on a descriptor we own; no memory is involved.
+        let data = unsafe { libc::lseek(base.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `pos`
+            }
+            return Err(SnapshotError::io("find the data of", &base_path)(err));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(base.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            let err = std::io::Error::last_os_error();
+            return Err(SnapshotError::io("find the holes of", &base_path)(err));
+        }
+        let (data, hole) = (data as u64, (hole as u64).min(len));
+        if hole <= data {
+            break;
+        }
+        mark(data / page, hole.div_ceil(page));
+        pos = hole;
+    }
+    for layer in &on.memory[1..] {
+        let path = dir.join(pages_name(&layer.file));
+        let bytes = read_bounded(&path, len.div_ceil(page * 64) * 8)?;
+        if Some(crc32(&bytes)) != layer.pages_crc32 {
+            return Err(SnapshotError::corrupt(&path, "CRC-32 mismatch"));
+        }
+        for (w, chunk) in pages.iter_mut().zip(bytes.chunks_exact(8)) {
+            *w |= u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
+        }
+    }
+    Ok(pages)
 }
 
 /// Removes state and memory files `manifest` does not name.
