@@ -231,6 +231,15 @@ async fn missing_kernel_corrupt_rootfs_and_missing_kvm_are_typed_errors() {
     assert!(matches!(err, Error::KvmUnavailable { .. }), "{err}");
     assert!(err.to_string().contains("KVM"), "{err}");
 
+    // A limit of PVM hosts is said at once, not found by a boot that hangs.
+    if rt.host_kind() == dormouse::HostKind::Pvm {
+        let err = rt
+            .create(TEMPLATE, SandboxConfig::default().vcpus(2))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("1 vCPU"), "{err}");
+    }
+
     assert_eq!(
         std::fs::read_dir(state.path().join("sandboxes"))
             .unwrap()

@@ -162,6 +162,15 @@ impl Machine {
                 mptable::MAX_CPUS
             )));
         }
+        let host = HostKind::detect();
+        if config.vcpus > 1 && host == HostKind::Pvm {
+            return Err(MachineError::Config(format!(
+                "{} vCPUs requested, but on a PVM host a guest kernel that is not PVM-aware \
+                 cannot start secondary vCPUs (its real-mode AP startup never completes); \
+                 use 1 vCPU here, hardware VT-x/AMD-V hosts run more",
+                config.vcpus
+            )));
+        }
         if config.mem_mib < 64 {
             return Err(MachineError::Config(format!(
                 "{} MiB of memory requested; a Linux guest needs at least 64 MiB",
@@ -175,7 +184,6 @@ impl Machine {
                 config.devices.len()
             )));
         }
-        let host = HostKind::detect();
         let vm = Vm::new(&config.kvm_path, u64::from(config.mem_mib) << 20)?;
         let console = Console::to_file(&config.console_log).map_err(|source| MachineError::Io {
             what: format!(
