@@ -76,8 +76,12 @@ fn benches(c: &mut Criterion) {
         .block_on(rt.create(TEMPLATE, SandboxConfig::default()))
         .expect("create sandbox");
     let mut group = c.benchmark_group(format!("sandbox-{tag}"));
-    group.sample_size(30);
-    group.measurement_time(Duration::from_secs(20));
+    // A command is a process start in the guest: seconds of emulated kernel
+    // work on PVM, milliseconds on VT-x. One run per sample.
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(1));
+    group.measurement_time(Duration::from_secs(1));
     group.bench_function("command_round_trip_true", |b| {
         b.to_async(&tokio_rt).iter(|| async {
             let out = sbx.commands().run("true").await.expect("run");
