@@ -150,11 +150,11 @@ const SETUP_RNG_SEED: u32 = 9;
 const RNG_SEED_LEN: usize = 32;
 
 /// Writes a `setup_data` node with a seed for the guest's RNG from the
-/// host's and returns its address. With `random.trust_bootloader=on` the
-/// guest's CRNG is ready at once; without a seed it waits for entropy it
-/// gathers itself, which takes over a minute when kernel code is emulated
-/// (PVM), and every program calling `getrandom()` (Python does at start)
-/// blocks until then.
+/// host's and returns its address. The guest mixes it into its pool; it
+/// credits it (so that its CRNG is ready at once instead of after a minute of
+/// emulated entropy gathering on PVM) only if built with
+/// `CONFIG_RANDOM_TRUST_BOOTLOADER`: the kernel reads `setup_data` before it
+/// parses `random.trust_bootloader=`.
 fn write_rng_seed(mem: &GuestMemory) -> Result<u64, BootError> {
     let mut seed = [0u8; RNG_SEED_LEN];
     std::fs::File::open("/dev/urandom")

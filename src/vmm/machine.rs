@@ -200,8 +200,6 @@ impl Machine {
             "panic=-1".to_owned(),
             "i8042.noaux".to_owned(),
             "i8042.nokbd".to_owned(),
-            // The VMM hands the guest an RNG seed (boot::write_rng_seed).
-            "random.trust_bootloader=on".to_owned(),
             // kvmclock, which KVM_SET_CLOCK restores, rather than the raw
             // TSC, which starts from a new offset in every restored VM.
             "clocksource=kvm-clock".to_owned(),
