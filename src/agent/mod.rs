@@ -193,6 +193,7 @@ impl ExecRequest {
             } else {
                 StdinMode::Null
             },
+            ..Exec::default()
         };
         exec.validate().map_err(AgentError::InvalidRequest)?;
         Ok(exec)

@@ -140,7 +140,7 @@ pub fn write_raw_frame<W: Write + ?Sized>(
     ty: FrameType,
     payload: &[u8],
 ) -> Result<(), ProtoError> {
-    if !(ty.is_data() || (ty == FrameType::StdinEof && payload.is_empty())) {
+    if !(ty.is_data() || (ty.is_empty() && payload.is_empty())) {
         return Err(ProtoError::InvalidPayload {
             frame: ty,
             reason: "only data frames can be written from raw bytes".into(),

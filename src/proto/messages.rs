@@ -2,14 +2,17 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::services::{
+    CodeEnd, CodeError, CodeRequest, CodeResult, ContextInfo, EntryInfo, FileEvent, FileRequest,
+    Forward, ProcessInfo, ProcessRequest, Started, Sync,
+};
 use super::ProtoError;
 
 /// The type of a frame, the `u16` at offset 6 of the header.
 ///
-/// Values are grouped by concern so later additions get their own range:
-/// 1-15 connection control, 16-31 commands, 32-47 files (reserved), 48-63
-/// code interpreter (reserved), 64-79 port forwarding (reserved), 80-95
-/// system (clock sync, reserved).
+/// Values are grouped by concern: 1-15 connection control, 16-31 commands,
+/// 32-47 files, 48-63 code interpreter, 64-79 port forwarding, 80-95
+/// system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FrameType {
@@ -35,11 +38,45 @@ pub enum FrameType {
     Stderr,
     /// Agent -> host: the command ended, JSON [`ExitStatus`].
     Exit,
+    /// Either way: the request (or the host's part of it) is complete;
+    /// empty payload.
+    Done,
+    /// Agent -> host: the command started, JSON [`Started`].
+    Started,
+    /// Host -> agent: a request about a running command, JSON
+    /// [`ProcessRequest`].
+    ProcessRequest,
+    /// Agent -> host: a running command, JSON [`ProcessInfo`].
+    Process,
+    /// Host -> agent: a file operation, JSON [`FileRequest`].
+    FileRequest,
+    /// Agent -> host: a file's metadata, JSON [`EntryInfo`].
+    Entry,
+    /// Either way: raw bytes of a file.
+    Data,
+    /// Agent -> host: a change under a watched directory, JSON [`FileEvent`].
+    FileEvent,
+    /// Host -> agent: a code-interpreter request, JSON [`CodeRequest`].
+    CodeRequest,
+    /// Agent -> host: the value of a run's last expression, JSON
+    /// [`CodeResult`].
+    CodeResult,
+    /// Agent -> host: the exception a run raised, JSON [`CodeError`].
+    CodeError,
+    /// Agent -> host: a run ended, JSON [`CodeEnd`].
+    CodeEnd,
+    /// Agent -> host: an interpreter context, JSON [`ContextInfo`].
+    Context,
+    /// Host -> agent: splice this stream with a guest TCP port, JSON
+    /// [`Forward`].
+    Forward,
+    /// Host -> agent: set the clock and feed entropy, JSON [`Sync`].
+    Sync,
 }
 
 impl FrameType {
     /// Every frame type, in wire-value order.
-    pub const ALL: [FrameType; 11] = [
+    pub const ALL: [FrameType; 26] = [
         Self::Hello,
         Self::HelloAck,
         Self::Ping,
@@ -51,6 +88,21 @@ impl FrameType {
         Self::Stdout,
         Self::Stderr,
         Self::Exit,
+        Self::Done,
+        Self::Started,
+        Self::ProcessRequest,
+        Self::Process,
+        Self::FileRequest,
+        Self::Entry,
+        Self::Data,
+        Self::FileEvent,
+        Self::CodeRequest,
+        Self::CodeResult,
+        Self::CodeError,
+        Self::CodeEnd,
+        Self::Context,
+        Self::Forward,
+        Self::Sync,
     ];
 
     /// The wire value.
@@ -67,6 +119,21 @@ impl FrameType {
             Self::Stdout => 19,
             Self::Stderr => 20,
             Self::Exit => 21,
+            Self::Done => 6,
+            Self::Started => 22,
+            Self::ProcessRequest => 23,
+            Self::Process => 24,
+            Self::FileRequest => 32,
+            Self::Entry => 33,
+            Self::Data => 34,
+            Self::FileEvent => 35,
+            Self::CodeRequest => 48,
+            Self::CodeResult => 49,
+            Self::CodeError => 50,
+            Self::CodeEnd => 51,
+            Self::Context => 52,
+            Self::Forward => 64,
+            Self::Sync => 80,
         }
     }
 
@@ -84,13 +151,33 @@ impl FrameType {
             19 => Self::Stdout,
             20 => Self::Stderr,
             21 => Self::Exit,
+            6 => Self::Done,
+            22 => Self::Started,
+            23 => Self::ProcessRequest,
+            24 => Self::Process,
+            32 => Self::FileRequest,
+            33 => Self::Entry,
+            34 => Self::Data,
+            35 => Self::FileEvent,
+            48 => Self::CodeRequest,
+            49 => Self::CodeResult,
+            50 => Self::CodeError,
+            51 => Self::CodeEnd,
+            52 => Self::Context,
+            64 => Self::Forward,
+            80 => Self::Sync,
             _ => return None,
         })
     }
 
     /// Whether the payload is raw bytes (as opposed to JSON or empty).
     pub const fn is_data(self) -> bool {
-        matches!(self, Self::Stdin | Self::Stdout | Self::Stderr)
+        matches!(self, Self::Stdin | Self::Stdout | Self::Stderr | Self::Data)
+    }
+
+    /// Whether the payload is always empty.
+    pub const fn is_empty(self) -> bool {
+        matches!(self, Self::StdinEof | Self::Done)
     }
 }
 
@@ -159,6 +246,16 @@ pub enum ErrorKind {
     /// Starting the command failed for another reason (out of memory, too
     /// many processes, bad executable format...).
     Spawn,
+    /// The path is a directory where a file was expected.
+    IsADirectory,
+    /// A component of the path is not a directory where one was expected.
+    NotADirectory,
+    /// The path exists already.
+    AlreadyExists,
+    /// Nothing listens on the guest port.
+    ConnectionRefused,
+    /// The guest ran out of disk space.
+    NoSpace,
     /// The agent failed internally (I/O error on its side).
     Internal,
     /// A kind this build does not know (sent by a newer peer).
@@ -204,6 +301,21 @@ pub struct Exec {
     /// Where standard input comes from.
     #[serde(default)]
     pub stdin: StdinMode,
+    /// Send a [`Frame::Started`] with the pid before any output.
+    #[serde(default)]
+    pub report_pid: bool,
+    /// Keep the command running when this stream closes (it can be
+    /// reached again with [`ProcessRequest::Connect`]); otherwise closing
+    /// the stream kills it.
+    #[serde(default)]
+    pub background: bool,
+    /// Kill the command's process group after this many milliseconds; its
+    /// `Exit` then has `timed_out` set.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// A label of the caller's, shown by [`ProcessRequest::List`].
+    #[serde(default)]
+    pub tag: Option<String>,
 }
 
 impl Exec {
@@ -234,6 +346,11 @@ impl Exec {
                 ));
             }
         }
+        if let Some(tag) = &self.tag {
+            if tag.contains('\0') || tag.len() > 256 {
+                return Err("the tag must be at most 256 bytes without NUL".into());
+            }
+        }
         if let Some(cwd) = &self.cwd {
             if cwd.is_empty() || cwd.contains('\0') {
                 return Err(format!(
@@ -252,6 +369,9 @@ pub struct ExitStatus {
     pub code: Option<i32>,
     /// The signal number (1..=64) when a signal killed the command.
     pub signal: Option<i32>,
+    /// Whether the agent killed it because its timeout passed.
+    #[serde(default)]
+    pub timed_out: bool,
 }
 
 impl ExitStatus {
@@ -260,6 +380,7 @@ impl ExitStatus {
         Self {
             code: Some(code),
             signal: None,
+            timed_out: false,
         }
     }
 
@@ -268,6 +389,7 @@ impl ExitStatus {
         Self {
             code: None,
             signal: Some(signal),
+            timed_out: false,
         }
     }
 
@@ -315,6 +437,36 @@ pub enum Frame {
     Stderr(Vec<u8>),
     /// See [`FrameType::Exit`].
     Exit(ExitStatus),
+    /// See [`FrameType::Done`].
+    Done,
+    /// See [`FrameType::Started`].
+    Started(Started),
+    /// See [`FrameType::ProcessRequest`].
+    ProcessRequest(ProcessRequest),
+    /// See [`FrameType::Process`].
+    Process(ProcessInfo),
+    /// See [`FrameType::FileRequest`].
+    FileRequest(FileRequest),
+    /// See [`FrameType::Entry`].
+    Entry(EntryInfo),
+    /// See [`FrameType::Data`].
+    Data(Vec<u8>),
+    /// See [`FrameType::FileEvent`].
+    FileEvent(FileEvent),
+    /// See [`FrameType::CodeRequest`].
+    CodeRequest(CodeRequest),
+    /// See [`FrameType::CodeResult`].
+    CodeResult(CodeResult),
+    /// See [`FrameType::CodeError`].
+    CodeError(CodeError),
+    /// See [`FrameType::CodeEnd`].
+    CodeEnd(CodeEnd),
+    /// See [`FrameType::Context`].
+    Context(ContextInfo),
+    /// See [`FrameType::Forward`].
+    Forward(Forward),
+    /// See [`FrameType::Sync`].
+    Sync(Sync),
 }
 
 impl Frame {
@@ -332,6 +484,21 @@ impl Frame {
             Self::Stdout(_) => FrameType::Stdout,
             Self::Stderr(_) => FrameType::Stderr,
             Self::Exit(_) => FrameType::Exit,
+            Self::Done => FrameType::Done,
+            Self::Started(_) => FrameType::Started,
+            Self::ProcessRequest(_) => FrameType::ProcessRequest,
+            Self::Process(_) => FrameType::Process,
+            Self::FileRequest(_) => FrameType::FileRequest,
+            Self::Entry(_) => FrameType::Entry,
+            Self::Data(_) => FrameType::Data,
+            Self::FileEvent(_) => FrameType::FileEvent,
+            Self::CodeRequest(_) => FrameType::CodeRequest,
+            Self::CodeResult(_) => FrameType::CodeResult,
+            Self::CodeError(_) => FrameType::CodeError,
+            Self::CodeEnd(_) => FrameType::CodeEnd,
+            Self::Context(_) => FrameType::Context,
+            Self::Forward(_) => FrameType::Forward,
+            Self::Sync(_) => FrameType::Sync,
         }
     }
 
@@ -352,11 +519,24 @@ impl Frame {
             Self::Error(m) => serde_json::to_writer(&mut *out, m),
             Self::Exec(m) => serde_json::to_writer(&mut *out, m),
             Self::Exit(m) => serde_json::to_writer(&mut *out, m),
-            Self::Stdin(d) | Self::Stdout(d) | Self::Stderr(d) => {
+            Self::Started(m) => serde_json::to_writer(&mut *out, m),
+            Self::ProcessRequest(m) => serde_json::to_writer(&mut *out, m),
+            Self::Process(m) => serde_json::to_writer(&mut *out, m),
+            Self::FileRequest(m) => serde_json::to_writer(&mut *out, m),
+            Self::Entry(m) => serde_json::to_writer(&mut *out, m),
+            Self::FileEvent(m) => serde_json::to_writer(&mut *out, m),
+            Self::CodeRequest(m) => serde_json::to_writer(&mut *out, m),
+            Self::CodeResult(m) => serde_json::to_writer(&mut *out, m),
+            Self::CodeError(m) => serde_json::to_writer(&mut *out, m),
+            Self::CodeEnd(m) => serde_json::to_writer(&mut *out, m),
+            Self::Context(m) => serde_json::to_writer(&mut *out, m),
+            Self::Forward(m) => serde_json::to_writer(&mut *out, m),
+            Self::Sync(m) => serde_json::to_writer(&mut *out, m),
+            Self::Stdin(d) | Self::Stdout(d) | Self::Stderr(d) | Self::Data(d) => {
                 out.extend_from_slice(d);
                 Ok(())
             }
-            Self::StdinEof => Ok(()),
+            Self::StdinEof | Self::Done => Ok(()),
         };
         written.map_err(|e| invalid(self.frame_type(), format!("cannot encode as JSON: {e}")))
     }
@@ -365,6 +545,14 @@ impl Frame {
     pub(super) fn from_payload(ty: FrameType, payload: &[u8]) -> Result<Self, ProtoError> {
         fn json<'a, T: Deserialize<'a>>(ty: FrameType, p: &'a [u8]) -> Result<T, ProtoError> {
             serde_json::from_slice(p).map_err(|e| invalid(ty, e.to_string()))
+        }
+        /// JSON with a `validate` check.
+        macro_rules! checked {
+            ($variant:ident) => {{
+                let m = json(ty, payload)?;
+                super::services::Validate::check(&m).map_err(|r| invalid(ty, r))?;
+                Self::$variant(m)
+            }};
         }
         let frame = match ty {
             FrameType::Hello => Self::Hello(json(ty, payload)?),
@@ -385,15 +573,33 @@ impl Frame {
             FrameType::Stdin => Self::Stdin(payload.to_vec()),
             FrameType::Stdout => Self::Stdout(payload.to_vec()),
             FrameType::Stderr => Self::Stderr(payload.to_vec()),
-            FrameType::StdinEof => {
+            FrameType::Data => Self::Data(payload.to_vec()),
+            FrameType::StdinEof | FrameType::Done => {
                 if !payload.is_empty() {
                     return Err(invalid(
                         ty,
                         format!("must be empty, has {} bytes", payload.len()),
                     ));
                 }
-                Self::StdinEof
+                if ty == FrameType::Done {
+                    Self::Done
+                } else {
+                    Self::StdinEof
+                }
             }
+            FrameType::Started => checked!(Started),
+            FrameType::ProcessRequest => checked!(ProcessRequest),
+            FrameType::Process => checked!(Process),
+            FrameType::FileRequest => checked!(FileRequest),
+            FrameType::Entry => checked!(Entry),
+            FrameType::FileEvent => checked!(FileEvent),
+            FrameType::CodeRequest => checked!(CodeRequest),
+            FrameType::CodeResult => Self::CodeResult(json(ty, payload)?),
+            FrameType::CodeError => Self::CodeError(json(ty, payload)?),
+            FrameType::CodeEnd => Self::CodeEnd(json(ty, payload)?),
+            FrameType::Context => checked!(Context),
+            FrameType::Forward => checked!(Forward),
+            FrameType::Sync => checked!(Sync),
         };
         Ok(frame)
     }

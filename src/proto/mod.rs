@@ -54,6 +54,7 @@
 mod codec;
 mod error;
 mod messages;
+mod services;
 #[cfg(test)]
 mod tests;
 
@@ -64,6 +65,11 @@ pub use codec::{
 pub use error::ProtoError;
 pub use messages::{
     ErrorKind, ErrorMsg, Exec, ExitStatus, Frame, FrameType, Hello, HelloAck, Ping, StdinMode,
+};
+pub use services::{
+    CodeEnd, CodeError, CodeRequest, CodeResult, ContextInfo, EntryInfo, EntryKind, FileEvent,
+    FileEventKind, FileRequest, Forward, ProcessInfo, ProcessRequest, Started, Sync, MAX_CODE,
+    MAX_LIST_DEPTH, MAX_PATH, MAX_SYNC_ENTROPY,
 };
 
 /// The vsock port the guest agent listens on.
@@ -96,4 +102,15 @@ pub mod capability {
     pub const PING: &str = "ping";
     /// The agent runs [`super::Frame::Exec`] requests.
     pub const EXEC: &str = "exec";
+    /// The agent answers [`super::Frame::ProcessRequest`]s and honours
+    /// `Exec`'s `background`, `report_pid` and `timeout_ms`.
+    pub const PROCESSES: &str = "processes";
+    /// The agent answers [`super::Frame::FileRequest`]s.
+    pub const FILES: &str = "files";
+    /// The agent answers [`super::Frame::CodeRequest`]s (Python).
+    pub const CODE: &str = "code";
+    /// The agent answers [`super::Frame::Forward`].
+    pub const FORWARD: &str = "forward";
+    /// The agent answers [`super::Frame::Sync`].
+    pub const SYNC: &str = "sync";
 }

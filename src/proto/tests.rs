@@ -46,6 +46,10 @@ fn sample_frames() -> Vec<Frame> {
             env: vec![("A".into(), "1=2".into()), ("EMPTY".into(), String::new())],
             cwd: Some("/tmp".into()),
             stdin: StdinMode::Pipe,
+            report_pid: true,
+            background: true,
+            timeout_ms: Some(1500),
+            tag: Some("server".into()),
         }),
         Frame::Stdin(b"input\0with nul".to_vec()),
         Frame::StdinEof,
@@ -53,6 +57,80 @@ fn sample_frames() -> Vec<Frame> {
         Frame::Stderr(vec![0xff; 1000]),
         Frame::Exit(ExitStatus::exited(3)),
         Frame::Exit(ExitStatus::signaled(9)),
+        Frame::Exit(ExitStatus {
+            timed_out: true,
+            ..ExitStatus::signaled(9)
+        }),
+        Frame::Done,
+        Frame::Started(Started { pid: 42 }),
+        Frame::ProcessRequest(ProcessRequest::List),
+        Frame::ProcessRequest(ProcessRequest::Signal { pid: 3, signal: 15 }),
+        Frame::ProcessRequest(ProcessRequest::SendStdin { pid: 3 }),
+        Frame::ProcessRequest(ProcessRequest::Connect { pid: 3 }),
+        Frame::Process(ProcessInfo {
+            pid: 9,
+            argv: vec!["sleep".into(), "9".into()],
+            env: vec![("A".into(), "b".into())],
+            cwd: None,
+            tag: Some("t".into()),
+            stdin_open: true,
+        }),
+        Frame::FileRequest(FileRequest::List {
+            path: "/tmp".into(),
+            depth: 2,
+        }),
+        Frame::FileRequest(FileRequest::Write {
+            path: "/tmp/a b/\u{e9}".into(),
+            mode: Some(0o600),
+        }),
+        Frame::FileRequest(FileRequest::Rename {
+            from: "/a".into(),
+            to: "/b".into(),
+        }),
+        Frame::Entry(EntryInfo {
+            name: "x".into(),
+            path: "/tmp/x".into(),
+            kind: EntryKind::Symlink,
+            size: 1 << 40,
+            mode: 0o777,
+            owner: "root".into(),
+            group: "1000".into(),
+            modified_ns: -5,
+            symlink_target: Some("/etc".into()),
+        }),
+        Frame::Data(vec![0, 1, 2]),
+        Frame::FileEvent(FileEvent {
+            kind: FileEventKind::Create,
+            path: "/tmp/new".into(),
+        }),
+        Frame::CodeRequest(CodeRequest::Run {
+            context: Some("ctx-1".into()),
+            code: "x = 42\nx".into(),
+            env: vec![("K".into(), "v".into())],
+            timeout_ms: Some(10),
+        }),
+        Frame::CodeRequest(CodeRequest::CreateContext { cwd: None }),
+        Frame::CodeRequest(CodeRequest::ListContexts),
+        Frame::CodeResult(CodeResult { text: "42".into() }),
+        Frame::CodeError(CodeError {
+            name: "ZeroDivisionError".into(),
+            value: "division by zero".into(),
+            traceback: "Traceback...".into(),
+        }),
+        Frame::CodeEnd(CodeEnd {
+            execution_count: 3,
+            timed_out: false,
+        }),
+        Frame::Context(ContextInfo {
+            id: "default".into(),
+            language: "python".into(),
+            cwd: "/root".into(),
+        }),
+        Frame::Forward(Forward { port: 8000 }),
+        Frame::Sync(Sync {
+            realtime_ns: 1_700_000_000_000_000_000,
+            entropy: vec![7; 32],
+        }),
     ]
 }
 
@@ -275,7 +353,7 @@ fn random_bytes_never_panic() {
         if let Ok(Some((frame, used))) = decode(&bytes) {
             assert!(used <= bytes.len());
             let ty = frame.frame_type();
-            if ty.is_data() || ty == FrameType::StdinEof {
+            if ty.is_data() || ty.is_empty() {
                 assert_eq!(encode(&frame).unwrap(), bytes[..used]);
             }
         }
