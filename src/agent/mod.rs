@@ -30,6 +30,8 @@ use crate::proto::{
 };
 pub use crate::proto::{ErrorKind, ExitStatus};
 
+pub mod code;
+pub mod files;
 #[cfg(test)]
 mod tests;
 

@@ -20,7 +20,9 @@
 #[path = "../../../src/proto/mod.rs"]
 mod proto;
 
+mod code;
 mod exec;
+mod files;
 mod init;
 mod listener;
 mod log;

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 
-use crate::exec;
+use crate::{code, exec, files};
 use crate::log::log;
 use crate::proto::{
     capability, write_frame, ErrorKind, Frame, FrameReader, Hello, HelloAck, ProtoError,
@@ -43,7 +43,14 @@ pub fn serve(conn: File, init: bool) {
     let ack = Frame::HelloAck(HelloAck {
         version,
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        capabilities: vec![capability::PING.into(), capability::EXEC.into()],
+        capabilities: [
+            capability::PING,
+            capability::EXEC,
+            capability::FILES,
+            capability::CODE,
+        ]
+        .map(String::from)
+        .to_vec(),
         init,
     });
     if write_frame(&mut &conn, &ack).is_err() {
@@ -54,11 +61,13 @@ pub fn serve(conn: File, init: bool) {
             let _ = write_frame(&mut &conn, &Frame::Pong(ping));
         }
         Ok(Some(Frame::Exec(req))) => exec::run(&conn, &mut reader, req),
+        Ok(Some(Frame::FileRequest(req))) => files::serve(&conn, &mut reader, req),
+        Ok(Some(Frame::CodeRequest(req))) => code::serve(&conn, &mut reader, req),
         Ok(Some(other)) => reject(
             &conn,
             ProtoError::UnexpectedFrame {
                 got: other.frame_type(),
-                expected: "a request (Ping or Exec)",
+                expected: "a request",
             },
         ),
         Ok(None) | Err(ProtoError::Io(_)) => {}

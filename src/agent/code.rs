@@ -1,0 +1,1 @@
+//! The guest's Python code interpreter (being written).
