@@ -379,3 +379,223 @@ async fn concurrent_commands_get_their_own_status() {
         done.unwrap();
     }
 }
+
+/// Reads a process stream until `want` appeared on stdout (or it ends).
+async fn read_until(
+    ps: &mut dormouse::agent::process::ProcessStream<tokio::net::UnixStream>,
+    want: &str,
+) -> String {
+    use dormouse::agent::process::ProcessEvent;
+    let mut out = String::new();
+    while !out.contains(want) {
+        match tokio::time::timeout(Duration::from_secs(10), ps.next())
+            .await
+            .expect("output within 10 s")
+            .unwrap()
+        {
+            ProcessEvent::Output(OutputChunk::Stdout(d)) => {
+                out.push_str(&String::from_utf8_lossy(&d))
+            }
+            ProcessEvent::Output(OutputChunk::Stderr(_)) => {}
+            ProcessEvent::Exit(s) => panic!("ended early with {s:?}; output {out:?}"),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn background_command_lives_on_and_can_be_fed_listed_reattached_and_signalled() {
+    use dormouse::agent::process::{self, ProcessEvent};
+    let agent = Agent::start();
+    let req = sh("echo start; read line; echo got $line; read again; echo then $again; sleep 30")
+        .background(true)
+        .keep_stdin_open(true)
+        .tag("svc");
+    let mut ps = process::start(agent.connect().await, req).await.unwrap();
+    let pid = ps.pid();
+    assert!(pid > 0);
+    read_until(&mut ps, "start\n").await;
+    // Stdin on the starting stream, then detach: it keeps running.
+    ps.write_stdin(b"one\n").await.unwrap();
+    read_until(&mut ps, "got one\n").await;
+    drop(ps);
+    let list = process::list(agent.connect().await).await.unwrap();
+    let info = list
+        .iter()
+        .find(|p| p.pid == pid)
+        .expect("listed after detach");
+    assert_eq!(info.tag.as_deref(), Some("svc"));
+    assert!(info.stdin_open);
+    // Re-attach, feed stdin through a separate request, see the output.
+    let mut again = process::connect(agent.connect().await, pid).await.unwrap();
+    process::send_stdin(agent.connect().await, pid, b"two\n", true)
+        .await
+        .unwrap();
+    read_until(&mut again, "then two\n").await;
+    // Stdin was closed: more is refused.
+    let err = process::send_stdin(agent.connect().await, pid, b"x", false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AgentError::Remote { kind: ErrorKind::InvalidRequest, .. }),
+        "{err:?}"
+    );
+    process::signal(agent.connect().await, pid, 15).await.unwrap();
+    loop {
+        match again.next().await.unwrap() {
+            ProcessEvent::Exit(status) => {
+                assert_eq!(status.signal, Some(15));
+                break;
+            }
+            ProcessEvent::Output(_) => {}
+        }
+    }
+    let list = process::list(agent.connect().await).await.unwrap();
+    assert!(list.iter().all(|p| p.pid != pid));
+    let err = process::signal(agent.connect().await, pid, 9)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Remote { kind: ErrorKind::NotFound, .. }));
+    let err = process::connect(agent.connect().await, pid)
+        .await
+        .unwrap()
+        .next()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Remote { kind: ErrorKind::NotFound, .. }));
+    agent.assert_alive();
+}
+
+#[tokio::test]
+async fn foreground_command_dies_with_its_stream() {
+    use dormouse::agent::process;
+    let agent = Agent::start();
+    let ps = process::start(agent.connect().await, sh("sleep 30"))
+        .await
+        .unwrap();
+    let pid = ps.pid();
+    drop(ps);
+    let start = Instant::now();
+    while process::list(agent.connect().await)
+        .await
+        .unwrap()
+        .iter()
+        .any(|p| p.pid == pid)
+    {
+        assert!(start.elapsed() < Duration::from_secs(10), "still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn timeout_kills_the_command_and_says_so() {
+    let agent = Agent::start();
+    let start = Instant::now();
+    let out = agent
+        .run(sh("echo before; sleep 30").timeout(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.stdout, b"before\n");
+    assert_eq!(out.signal, Some(9));
+    assert!(out.timed_out);
+    let out = agent
+        .run(sh("true").timeout(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(!out.timed_out && out.success());
+}
+
+#[tokio::test]
+async fn fifty_concurrent_commands_each_get_their_own_output() {
+    let agent = Agent::start();
+    let runs = (0..50).map(|i| {
+        let agent = &agent;
+        async move {
+            let out = agent
+                .run(sh(&format!("echo out{i}; echo err{i} >&2; exit {}", i % 7)))
+                .await
+                .unwrap();
+            assert_eq!(out.stdout, format!("out{i}\n").into_bytes());
+            assert_eq!(out.stderr, format!("err{i}\n").into_bytes());
+            assert_eq!(out.exit_code, Some(i % 7));
+        }
+    });
+    futures_join_all(runs).await;
+}
+
+/// Runs futures concurrently on this task (no extra crate).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut pending: Vec<_> = set.iter_mut().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut left = false;
+        for slot in pending.iter_mut() {
+            if let Some(f) = slot {
+                if f.as_mut().poll(cx).is_ready() {
+                    *slot = None;
+                } else {
+                    left = true;
+                }
+            }
+        }
+        if left {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn forward_splices_a_tcp_connection_and_refuses_closed_ports() {
+    use dormouse::agent::ports;
+    let agent = Agent::start();
+    // A TCP echo server standing in for a guest server (the dev agent runs
+    // on this host, so "the guest's loopback" is ours).
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = server.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let (mut stream, early) = ports::forward(agent.connect().await, port).await.unwrap();
+    assert!(early.is_empty());
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut rd, mut wr) = stream.split();
+    let send = async {
+        wr.write_all(&payload).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let recv = rd.read_to_end(&mut back);
+    let ((), got) = tokio::join!(send, recv);
+    got.unwrap();
+    assert_eq!(back, payload);
+
+    // A port nothing listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let err = ports::forward(agent.connect().await, closed)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AgentError::Remote { kind: ErrorKind::ConnectionRefused, .. }),
+        "{err:?}"
+    );
+    // Sync is accepted (and ignored by a development agent).
+    dormouse::agent::sync(agent.connect().await, vec![1; 32])
+        .await
+        .unwrap();
+    agent.assert_alive();
+}

@@ -32,6 +32,8 @@ pub use crate::proto::{ErrorKind, ExitStatus};
 
 pub mod code;
 pub mod files;
+pub mod ports;
+pub mod process;
 #[cfg(test)]
 mod tests;
 
@@ -138,6 +140,15 @@ pub struct ExecRequest {
     /// The most output (stdout and stderr together) [`exec`] collects
     /// before failing with [`AgentError::OutputTooLarge`].
     pub max_output: usize,
+    /// Keep running when the connection closes ([`process::start`]).
+    pub background: bool,
+    /// Leave standard input open after the [`Self::stdin`] data (a pipe
+    /// even without data), for [`process::send_stdin`].
+    pub keep_stdin_open: bool,
+    /// The agent kills the command after this long.
+    pub timeout: Option<std::time::Duration>,
+    /// A label shown by [`process::list`].
+    pub tag: Option<String>,
 }
 
 impl ExecRequest {
@@ -153,6 +164,10 @@ impl ExecRequest {
             cwd: None,
             stdin: None,
             max_output: DEFAULT_MAX_OUTPUT,
+            background: false,
+            keep_stdin_open: false,
+            timeout: None,
+            tag: None,
         }
     }
 
@@ -185,17 +200,46 @@ impl ExecRequest {
         self
     }
 
+    /// Keeps the command running after its connection closes.
+    pub fn background(mut self, yes: bool) -> Self {
+        self.background = yes;
+        self
+    }
+
+    /// Leaves standard input open (a pipe) for later writes.
+    pub fn keep_stdin_open(mut self, yes: bool) -> Self {
+        self.keep_stdin_open = yes;
+        self
+    }
+
+    /// Has the agent kill the command after `timeout`.
+    pub fn timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the label shown by [`process::list`].
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
     fn to_wire(&self) -> Result<Exec, AgentError> {
         let exec = Exec {
             argv: self.argv.clone(),
             env: self.env.clone(),
             cwd: self.cwd.clone(),
-            stdin: if self.stdin.is_some() {
+            stdin: if self.stdin.is_some() || self.keep_stdin_open {
                 StdinMode::Pipe
             } else {
                 StdinMode::Null
             },
-            ..Exec::default()
+            background: self.background,
+            timeout_ms: self
+                .timeout
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
+            tag: self.tag.clone(),
+            report_pid: false,
         };
         exec.validate().map_err(AgentError::InvalidRequest)?;
         Ok(exec)
@@ -213,6 +257,8 @@ pub struct ExecOutput {
     pub exit_code: Option<i32>,
     /// The signal number, when a signal killed the command.
     pub signal: Option<i32>,
+    /// Whether the agent killed it because [`ExecRequest::timeout`] passed.
+    pub timed_out: bool,
 }
 
 impl ExecOutput {
@@ -297,6 +343,7 @@ where
     let status = drive(stream, req, |chunk| std::future::ready(collect(chunk))).await?;
     out.exit_code = status.code;
     out.signal = status.signal;
+    out.timed_out = status.timed_out;
     Ok(out)
 }
 
@@ -338,7 +385,8 @@ where
     let exec = req.to_wire()?;
     let mut first = encode(&Frame::Hello(hello_msg()))?;
     first.extend_from_slice(&encode(&Frame::Exec(exec))?);
-    let stdin = req.stdin;
+    // `exec` waits for the command, so its stdin always ends.
+    let stdin = req.stdin.or_else(|| req.keep_stdin_open.then(Vec::new));
 
     let (mut rd, mut wr) = tokio::io::split(stream);
     let writer = async move {
@@ -408,6 +456,23 @@ where
             Err(e) => return Err(io_error(e, during)),
         }
     }
+}
+
+/// Sets the guest's clock to the host's and credits `entropy` to its random
+/// pool (see [`proto::Sync`]). Call it after boot and after every resume.
+pub async fn sync<S>(stream: S, entropy: Vec<u8>) -> Result<(), AgentError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let req = Frame::Sync(proto::Sync {
+        realtime_ns,
+        entropy,
+    });
+    process::request_done(stream, req, Vec::new()).await
 }
 
 fn hello_msg() -> Hello {

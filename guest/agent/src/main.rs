@@ -23,12 +23,15 @@ mod proto;
 mod code;
 mod exec;
 mod files;
+mod forward;
 mod init;
 mod listener;
 mod log;
+mod procs;
 mod reaper;
 mod session;
 mod spawn;
+mod sync;
 mod sys;
 
 use std::path::PathBuf;

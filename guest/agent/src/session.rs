@@ -2,7 +2,7 @@
 
 use std::fs::File;
 
-use crate::{code, exec, files};
+use crate::{code, exec, files, forward, sync};
 use crate::log::log;
 use crate::proto::{
     capability, write_frame, ErrorKind, Frame, FrameReader, Hello, HelloAck, ProtoError,
@@ -46,8 +46,11 @@ pub fn serve(conn: File, init: bool) {
         capabilities: [
             capability::PING,
             capability::EXEC,
+            capability::PROCESSES,
             capability::FILES,
             capability::CODE,
+            capability::FORWARD,
+            capability::SYNC,
         ]
         .map(String::from)
         .to_vec(),
@@ -61,6 +64,9 @@ pub fn serve(conn: File, init: bool) {
             let _ = write_frame(&mut &conn, &Frame::Pong(ping));
         }
         Ok(Some(Frame::Exec(req))) => exec::run(&conn, &mut reader, req),
+        Ok(Some(Frame::ProcessRequest(req))) => exec::serve_request(&conn, &mut reader, req),
+        Ok(Some(Frame::Forward(req))) => forward::serve(&conn, &mut reader, req),
+        Ok(Some(Frame::Sync(req))) => sync::serve(&conn, req, init),
         Ok(Some(Frame::FileRequest(req))) => files::serve(&conn, &mut reader, req),
         Ok(Some(Frame::CodeRequest(req))) => code::serve(&conn, &mut reader, req),
         Ok(Some(other)) => reject(
