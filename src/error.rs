@@ -141,6 +141,51 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A command ran past its timeout and was killed.
+    #[error("the command did not finish within {timeout:?} and was killed (raise Command::timeout, or run it with spawn)")]
+    CommandTimedOut {
+        /// The timeout that passed.
+        timeout: Duration,
+        /// What it wrote until then.
+        output: Box<crate::services::CommandOutput>,
+    },
+    /// No running command with this pid was started through the agent.
+    #[error("no running command with pid {pid} in the sandbox: it has ended (or was not started through dormouse)")]
+    ProcessNotFound {
+        /// The pid asked for.
+        pid: i32,
+    },
+    /// No interpreter context with this id.
+    #[error("no code context {id:?} in the sandbox: it was removed or never created (see code_contexts().list())")]
+    ContextNotFound {
+        /// The id asked for.
+        id: String,
+    },
+    /// A guest path does not exist.
+    #[error("{path}: no such file or directory in the sandbox")]
+    PathNotFound {
+        /// The guest path.
+        path: String,
+    },
+    /// A guest path is a directory where a file was expected.
+    #[error("{path} is a directory in the sandbox; give a file path (or list the directory)")]
+    IsADirectory {
+        /// The guest path.
+        path: String,
+    },
+    /// A guest path (or one of its parents) is not a directory where one
+    /// was expected.
+    #[error("{path}: a component of the path is not a directory in the sandbox")]
+    NotADirectory {
+        /// The guest path.
+        path: String,
+    },
+    /// A guest path exists already.
+    #[error("{path} already exists in the sandbox")]
+    AlreadyExists {
+        /// The guest path.
+        path: String,
+    },
     /// A file operation on the host failed.
     #[error("{what}: {source}")]
     Io {

@@ -29,14 +29,20 @@ mod error;
 pub mod proto;
 mod runtime;
 mod sandbox;
+mod services;
 pub mod snapshot;
 pub mod template;
 pub mod vmm;
 
 pub use error::{ConsoleTail, Error, Result};
 pub use runtime::{default_cache_dir, Runtime, RuntimeBuilder};
-pub use sandbox::{
-    Command, CommandOutput, Commands, PauseError, Paused, ResumeError, Running, Sandbox,
-    SandboxConfig, SandboxId,
+pub use agent::ExecRequest as Command;
+pub use proto::{
+    CodeError, ContextInfo, EntryInfo, EntryKind, ExitStatus, FileEvent, FileEventKind,
+    ProcessInfo,
 };
+pub use sandbox::{
+    PauseError, Paused, ResumeError, Running, Sandbox, SandboxConfig, SandboxId,
+};
+pub use services::{CommandEvent, CommandHandle, CommandOutput, Commands, PortForward, Ports};
 pub use vmm::cpu::HostKind;

@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use crate::agent::ExecRequest as Command;
-use crate::agent::{self, AgentError, ExecOutput};
+use crate::agent::{self, AgentError};
 use crate::disk::CowDisk;
 use crate::error::{ConsoleTail, Error, Result};
 use crate::proto::AGENT_VSOCK_PORT;
@@ -154,8 +153,9 @@ struct SandboxInner {
     machine: Option<Machine>,
     /// The disk overlay, shared with the block device; set while running.
     disk: Option<Arc<Mutex<CowDisk>>>,
-    /// Connections to the guest; set while running.
-    vsock: Option<VsockConnector>,
+    /// Connections to the guest (to the agent while running; shared with
+    /// port forwards, which outlive a pause).
+    link: Arc<AgentLink>,
     /// While running: the snapshot the guest was resumed from, whose memory
     /// files a pause adds a layer to.
     based_on: Option<snapshot::Manifest>,
@@ -171,8 +171,75 @@ struct SandboxInner {
     delete_on_drop: bool,
 }
 
+/// How the host reaches a sandbox's guest: the vsock connector while the
+/// guest runs, nothing while it is paused, and closed for good once the
+/// sandbox handle is gone (port forwards then stop listening).
+pub(crate) struct AgentLink {
+    connector: Mutex<Option<VsockConnector>>,
+    closed: tokio::sync::watch::Sender<bool>,
+}
+
+impl AgentLink {
+    fn new(connector: Option<VsockConnector>) -> Arc<Self> {
+        Arc::new(Self {
+            connector: Mutex::new(connector),
+            closed: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
+    fn set(&self, connector: Option<VsockConnector>) {
+        *self
+            .connector
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = connector;
+    }
+
+    /// The connector, while the guest runs.
+    pub(crate) fn connector(&self) -> Option<VsockConnector> {
+        self.connector
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Resolves once the sandbox handle is gone (killed, dropped).
+    pub(crate) async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    fn close(&self) {
+        self.set(None);
+        self.closed.send_replace(true);
+    }
+
+    /// A new connection to the agent's port, or `None` while paused.
+    pub(crate) async fn connect(&self) -> Option<Result<tokio::net::UnixStream>> {
+        let connector = self.connector()?;
+        Some(connect_vsock(connector).await)
+    }
+}
+
+/// A new connection to the guest agent through `connector`.
+async fn connect_vsock(connector: VsockConnector) -> Result<tokio::net::UnixStream> {
+    let stream =
+        tokio::task::spawn_blocking(move || connector.connect(AGENT_VSOCK_PORT, CONNECT_TIMEOUT))
+            .await
+            .map_err(|e| Error::Io {
+                what: "the vsock connect task failed".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(Error::Vsock)?;
+    stream
+        .set_nonblocking(true)
+        .map_err(Error::io("cannot set the agent connection non-blocking"))?;
+    tokio::net::UnixStream::from_std(stream)
+        .map_err(Error::io("cannot register the agent connection"))
+}
+
 impl Drop for SandboxInner {
     fn drop(&mut self) {
+        self.link.close();
         if let Some(mut machine) = self.machine.take() {
             machine.stop();
         }
@@ -377,7 +444,7 @@ impl Sandbox<Running> {
                 rootfs: template.rootfs_path(),
                 machine: Some(machine),
                 disk: Some(disk),
-                vsock: Some(vsock),
+                link: AgentLink::new(Some(vsock)),
                 based_on: None,
                 dirty_log_complete: true,
                 _lock: lock,
@@ -415,12 +482,16 @@ impl Sandbox<Running> {
             if let Some(reason) = self.machine().stop_reason() {
                 return Err(self.stopped_error(reason));
             }
-            if let Ok(stream) = self.connect_agent().await {
-                if let Ok(Ok(_info)) =
-                    tokio::time::timeout(CONNECT_TIMEOUT, agent::hello(stream)).await
-                {
-                    return Ok(());
-                }
+            // The first request that gets through is the sync itself (one
+            // round trip less on every resume).
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.sync_guest()).await {
+                Ok(Ok(())) => return Ok(()),
+                // An agent without `Sync` (a template of an older release).
+                Ok(Err(Error::Agent(AgentError::Remote {
+                    kind: crate::proto::ErrorKind::Protocol,
+                    ..
+                }))) => return Ok(()),
+                _ => {}
             }
             if start.elapsed() >= timeout {
                 return Err(Error::BootTimeout {
@@ -432,32 +503,36 @@ impl Sandbox<Running> {
         }
     }
 
+    /// Sets the guest's clock from the host's and credits fresh host
+    /// entropy to its random pool: after boot (so the guest's CRNG is ready
+    /// at once instead of after a minute of interrupt timings) and after
+    /// every resume (the clock stood still while paused, and a restored
+    /// random state is a copy of the snapshot's).
+    async fn sync_guest(&self) -> Result<()> {
+        let mut entropy = vec![0u8; 64];
+        getrandom(&mut entropy)?;
+        let stream = self.connect_agent().await?;
+        agent::sync(stream, entropy).await.map_err(Error::Agent)
+    }
+
     /// A new connection to the guest agent.
-    async fn connect_agent(&self) -> Result<tokio::net::UnixStream> {
+    pub(crate) async fn connect_agent(&self) -> Result<tokio::net::UnixStream> {
         // Invariant: a Sandbox<Running> always has its vsock connector.
         let connector = self
             .inner
-            .vsock
-            .clone()
+            .link
+            .connector()
             .expect("a running sandbox has a vsock connector");
-        let stream = tokio::task::spawn_blocking(move || {
-            connector.connect(AGENT_VSOCK_PORT, CONNECT_TIMEOUT)
-        })
-        .await
-        .map_err(|e| Error::Io {
-            what: "the vsock connect task failed".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?
-        .map_err(Error::Vsock)?;
-        stream
-            .set_nonblocking(true)
-            .map_err(Error::io("cannot set the agent connection non-blocking"))?;
-        tokio::net::UnixStream::from_std(stream)
-            .map_err(Error::io("cannot register the agent connection"))
+        connect_vsock(connector).await
+    }
+
+    /// The link port forwards use.
+    pub(crate) fn link(&self) -> Arc<AgentLink> {
+        self.inner.link.clone()
     }
 
     /// Runs `fut` (a request to the agent) unless the guest stops first.
-    async fn while_alive<T>(
+    pub(crate) async fn while_alive<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, AgentError>>,
     ) -> Result<T> {
@@ -472,11 +547,6 @@ impl Sandbox<Running> {
                 }
             }
         }
-    }
-
-    /// Running commands in the guest.
-    pub fn commands(&self) -> Commands<'_> {
-        Commands { sandbox: self }
     }
 
     /// Stops the guest and deletes every file of the sandbox. Permanent.
@@ -566,7 +636,7 @@ impl Sandbox<Running> {
                 // Releases guest memory, vCPU and device threads now.
                 drop(machine);
                 self.inner.disk = None;
-                self.inner.vsock = None;
+                self.inner.link.set(None);
                 self.inner.based_on = None;
                 Ok(Sandbox {
                     inner: self.inner,
@@ -647,7 +717,7 @@ impl Sandbox<Paused> {
                 rootfs: template.rootfs_path(),
                 machine: None,
                 disk: None,
-                vsock: None,
+                link: AgentLink::new(None),
                 based_on: None,
                 dirty_log_complete: false,
                 _lock: lock,
@@ -776,7 +846,7 @@ impl Sandbox<Paused> {
         self.inner.based_on = Some(manifest);
         self.inner.dirty_log_complete = true;
         self.inner.machine = Some(machine);
-        self.inner.vsock = Some(connector);
+        self.inner.link.set(Some(connector));
         self.inner.disk = Some(disk);
         Ok(())
     }
@@ -790,68 +860,5 @@ impl Drop for DirGuard {
         if let Some(dir) = self.0.take() {
             let _ = std::fs::remove_dir_all(dir);
         }
-    }
-}
-
-/// The result of a finished command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandOutput {
-    /// Standard output (invalid UTF-8 replaced).
-    pub stdout: String,
-    /// Standard error (invalid UTF-8 replaced).
-    pub stderr: String,
-    /// The exit code; `128 + signal` when a signal killed the command.
-    pub exit_code: i32,
-    /// The signal that killed the command, if one did.
-    pub signal: Option<i32>,
-}
-
-impl From<ExecOutput> for CommandOutput {
-    fn from(out: ExecOutput) -> Self {
-        let signal = out.signal;
-        Self {
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            exit_code: out.exit_code.unwrap_or_else(|| 128 + signal.unwrap_or(0)),
-            signal,
-        }
-    }
-}
-
-/// Commands in a running sandbox: `sbx.commands()`.
-pub struct Commands<'a> {
-    sandbox: &'a Sandbox<Running>,
-}
-
-impl Commands<'_> {
-    /// Runs a shell command line (`/bin/sh -c`) and waits for it.
-    ///
-    /// ```no_run
-    /// # async fn demo(sbx: dormouse::Sandbox<dormouse::Running>) -> dormouse::Result<()> {
-    /// let out = sbx.commands().run("echo hello; exit 3").await?;
-    /// assert_eq!((out.stdout.as_str(), out.exit_code), ("hello\n", 3));
-    /// # Ok(()) }
-    /// ```
-    pub async fn run(&self, cmdline: &str) -> Result<CommandOutput> {
-        self.exec(Command::shell(cmdline)).await
-    }
-
-    /// Runs a [`Command`] (a program with arguments, environment, working
-    /// directory and standard input) and waits for it.
-    ///
-    /// ```no_run
-    /// # async fn demo(sbx: dormouse::Sandbox<dormouse::Running>) -> dormouse::Result<()> {
-    /// use dormouse::Command;
-    /// let cmd = Command::new(["tr", "a-z", "A-Z"]).stdin("hi\n").cwd("/tmp").env("LANG", "C");
-    /// assert_eq!(sbx.commands().exec(cmd).await?.stdout, "HI\n");
-    /// # Ok(()) }
-    /// ```
-    pub async fn exec(&self, request: Command) -> Result<CommandOutput> {
-        let stream = self.sandbox.connect_agent().await?;
-        let out = self
-            .sandbox
-            .while_alive(agent::exec(stream, request))
-            .await?;
-        Ok(out.into())
     }
 }

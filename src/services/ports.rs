@@ -1,0 +1,128 @@
+//! `sbx.ports()`: guest TCP ports on host addresses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::agent::ports::forward_and_copy;
+use crate::error::{Error, Result};
+use crate::sandbox::{AgentLink, Running, Sandbox};
+
+/// Port forwards of a running sandbox: `sbx.ports()`.
+pub struct Ports<'a> {
+    sandbox: &'a Sandbox<Running>,
+}
+
+impl<'a> Ports<'a> {
+    pub(crate) fn new(sandbox: &'a Sandbox<Running>) -> Self {
+        Self { sandbox }
+    }
+
+    /// Listens on `127.0.0.1` (an ephemeral port) and forwards every
+    /// connection to `guest_port` on the guest's loopback.
+    ///
+    /// While the sandbox is paused, connections are accepted and closed at
+    /// once; after a resume they reach the guest again (clients reconnect).
+    /// Closing the forward, or killing or dropping the sandbox, closes the
+    /// listener.
+    ///
+    /// ```no_run
+    /// # async fn demo(sbx: dormouse::Sandbox<dormouse::Running>) -> dormouse::Result<()> {
+    /// use dormouse::Command;
+    /// sbx.commands().spawn(Command::shell("python3 -m http.server 8000")).await?;
+    /// let fwd = sbx.ports().expose(8000).await?;
+    /// println!("http://{}/", fwd.local_addr());
+    /// # Ok(()) }
+    /// ```
+    pub async fn expose(&self, guest_port: u16) -> Result<PortForward> {
+        self.expose_on(guest_port, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+    }
+
+    /// Like [`Self::expose`] on a host address of your choice.
+    pub async fn expose_on(&self, guest_port: u16, addr: SocketAddr) -> Result<PortForward> {
+        if guest_port == 0 {
+            return Err(Error::InvalidConfig(
+                "guest port 0 cannot be forwarded; give the port the guest server listens on"
+                    .into(),
+            ));
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(Error::io(format!("cannot listen on {addr}")))?;
+        let local = listener
+            .local_addr()
+            .map_err(Error::io("cannot read the listener's address"))?;
+        let link = self.sandbox.link();
+        let task = tokio::spawn(accept_loop(listener, link, guest_port));
+        Ok(PortForward {
+            local,
+            guest_port,
+            task,
+        })
+    }
+}
+
+async fn accept_loop(listener: TcpListener, link: Arc<AgentLink>, port: u16) {
+    let mut conns = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = link.closed() => return,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let Ok((client, peer)) = accepted else {
+            // E.g. EMFILE: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = client.set_nodelay(true);
+        let link = link.clone();
+        conns.spawn(async move {
+            let stream = match link.connect().await {
+                Some(Ok(stream)) => stream,
+                // Paused: the client sees the connection close.
+                None => return,
+                Some(Err(e)) => {
+                    log::debug!("port {port}: cannot reach the guest for {peer}: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = forward_and_copy(stream, port, client).await {
+                log::debug!("port {port}: forward for {peer} ended: {e}");
+            }
+        });
+    }
+}
+
+/// A guest port exposed on a host address. Dropping it (or
+/// [`Self::close`]) closes the listener and its connections.
+#[derive(Debug)]
+pub struct PortForward {
+    local: SocketAddr,
+    guest_port: u16,
+    task: JoinHandle<()>,
+}
+
+impl PortForward {
+    /// The host address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The guest port connections go to.
+    pub fn guest_port(&self) -> u16 {
+        self.guest_port
+    }
+
+    /// Stops listening and closes the forwarded connections.
+    pub fn close(self) {}
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
