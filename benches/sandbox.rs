@@ -1,4 +1,5 @@
-//! Boot-to-agent-ready and command round-trip times of a real sandbox.
+//! Boot-to-agent-ready, command and `run_code` round-trip times and file
+//! transfer throughput of a real sandbox.
 //!
 //! Run with `cargo bench --bench sandbox` after `guest/build.sh` (the test
 //! command builds it too). The host kind is printed first: on a PVM host the
@@ -11,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use dormouse::{HostKind, Runtime, SandboxConfig};
 
 const TEMPLATE: &str = "python";
@@ -96,6 +97,42 @@ fn benches(c: &mut Criterion) {
             assert_eq!(out.stdout.len(), 65);
         })
     });
+    // The interpreter is started by the first run, outside the samples.
+    tokio_rt
+        .block_on(sbx.run_code("0"))
+        .expect("start the interpreter");
+    group.bench_function("run_code_round_trip_1_plus_1", |b| {
+        b.to_async(&tokio_rt).iter(|| async {
+            let run = sbx.run_code("1+1").await.expect("run_code");
+            assert_eq!(run.result.as_deref(), Some("2"));
+        })
+    });
+    group.finish();
+
+    // File throughput in both directions: every byte crosses vsock and the
+    // guest kernel (emulated on PVM: about 1 MiB/s there).
+    let mut group = c.benchmark_group(format!("files-{tag}"));
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(1));
+    group.measurement_time(Duration::from_secs(1));
+    for mib in [1usize, 16] {
+        let data: Vec<u8> = (0..mib << 20).map(|i| (i * 7 + i / 4093) as u8).collect();
+        let path = format!("/tmp/bench-{mib}MiB");
+        group.throughput(Throughput::Bytes(data.len() as u64));
+        group.bench_function(format!("write_{mib}MiB"), |b| {
+            b.to_async(&tokio_rt).iter(|| async {
+                let info = sbx.files().write(&path, &data).await.expect("write");
+                assert_eq!(info.size, data.len() as u64);
+            })
+        });
+        group.bench_function(format!("read_{mib}MiB"), |b| {
+            b.to_async(&tokio_rt).iter(|| async {
+                let back = sbx.files().read(&path).await.expect("read");
+                assert_eq!(back.len(), data.len());
+            })
+        });
+    }
     group.finish();
     tokio_rt.block_on(sbx.kill()).expect("kill sandbox");
 }

@@ -34,15 +34,16 @@ pub mod snapshot;
 pub mod template;
 pub mod vmm;
 
-pub use error::{ConsoleTail, Error, Result};
-pub use runtime::{default_cache_dir, Runtime, RuntimeBuilder};
+pub use agent::code::{CodeOutput, CodeRun};
 pub use agent::ExecRequest as Command;
+pub use error::{ConsoleTail, Error, Result};
 pub use proto::{
-    CodeError, ContextInfo, EntryInfo, EntryKind, ExitStatus, FileEvent, FileEventKind,
-    ProcessInfo,
+    CodeError, ContextInfo, EntryInfo, EntryKind, ExitStatus, FileEvent, FileEventKind, ProcessInfo,
 };
-pub use sandbox::{
-    PauseError, Paused, ResumeError, Running, Sandbox, SandboxConfig, SandboxId,
+pub use runtime::{default_cache_dir, Runtime, RuntimeBuilder};
+pub use sandbox::{PauseError, Paused, ResumeError, Running, Sandbox, SandboxConfig, SandboxId};
+pub use services::{
+    CodeContexts, CommandEvent, CommandHandle, CommandOutput, Commands, DirWatcher, Execution,
+    Files, PortForward, Ports, MAX_READ,
 };
-pub use services::{CommandEvent, CommandHandle, CommandOutput, Commands, PortForward, Ports};
 pub use vmm::cpu::HostKind;

@@ -437,10 +437,18 @@ async fn background_command_lives_on_and_can_be_fed_listed_reattached_and_signal
         .await
         .unwrap_err();
     assert!(
-        matches!(err, AgentError::Remote { kind: ErrorKind::InvalidRequest, .. }),
+        matches!(
+            err,
+            AgentError::Remote {
+                kind: ErrorKind::InvalidRequest,
+                ..
+            }
+        ),
         "{err:?}"
     );
-    process::signal(agent.connect().await, pid, 15).await.unwrap();
+    process::signal(agent.connect().await, pid, 15)
+        .await
+        .unwrap();
     loop {
         match again.next().await.unwrap() {
             ProcessEvent::Exit(status) => {
@@ -455,14 +463,26 @@ async fn background_command_lives_on_and_can_be_fed_listed_reattached_and_signal
     let err = process::signal(agent.connect().await, pid, 9)
         .await
         .unwrap_err();
-    assert!(matches!(err, AgentError::Remote { kind: ErrorKind::NotFound, .. }));
+    assert!(matches!(
+        err,
+        AgentError::Remote {
+            kind: ErrorKind::NotFound,
+            ..
+        }
+    ));
     let err = process::connect(agent.connect().await, pid)
         .await
         .unwrap()
         .next()
         .await
         .unwrap_err();
-    assert!(matches!(err, AgentError::Remote { kind: ErrorKind::NotFound, .. }));
+    assert!(matches!(
+        err,
+        AgentError::Remote {
+            kind: ErrorKind::NotFound,
+            ..
+        }
+    ));
     agent.assert_alive();
 }
 
@@ -590,7 +610,13 @@ async fn forward_splices_a_tcp_connection_and_refuses_closed_ports() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, AgentError::Remote { kind: ErrorKind::ConnectionRefused, .. }),
+        matches!(
+            err,
+            AgentError::Remote {
+                kind: ErrorKind::ConnectionRefused,
+                ..
+            }
+        ),
         "{err:?}"
     );
     // Sync is accepted (and ignored by a development agent).

@@ -78,10 +78,13 @@ pub enum AgentError {
         /// The version the agent chose.
         version: u16,
     },
-    /// The command wrote more than [`ExecRequest::max_output`] bytes.
+    /// A command or code run wrote more than its output limit
+    /// ([`ExecRequest::max_output`], or the code interpreter's limit).
     #[error(
-        "the command's output exceeded the limit of {limit} bytes; raise \
-         ExecRequest::max_output, stream it with exec_streaming, or redirect it to a file"
+        "the output exceeded the limit of {limit} bytes; raise the limit \
+         (Command::max_output), receive the output as a stream instead of \
+         collecting it (CommandHandle::next, or an output channel for run_code), \
+         or redirect it to a file in the guest"
     )]
     OutputTooLarge {
         /// The limit that was exceeded.
@@ -94,6 +97,20 @@ pub enum AgentError {
     /// was abandoned (and is killed by the agent).
     #[error("the output receiver was dropped, so the command was abandoned")]
     ReceiverDropped,
+    /// A file is larger than the caller's limit ([`files::read_to_vec`]).
+    #[error(
+        "the file is larger than the limit of {limit} bytes; raise the limit or stream it with \
+         files::read"
+    )]
+    FileTooLarge {
+        /// The limit that was exceeded.
+        limit: usize,
+    },
+    /// The caller's reader or writer of a file transfer failed
+    /// ([`files::write`], [`files::read`]); a write left the guest's file
+    /// unchanged.
+    #[error("the host-side source or destination of the file transfer failed: {0}")]
+    Transfer(#[source] io::Error),
     /// The stream failed for a reason other than the peer going away.
     #[error("I/O error on the guest agent stream: {0}")]
     Io(#[source] io::Error),

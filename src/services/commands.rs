@@ -140,10 +140,7 @@ impl<'a> Commands<'a> {
             .sandbox
             .while_alive(process::start(stream, request))
             .await?;
-        Ok(CommandHandle {
-            stream,
-            max_output,
-        })
+        Ok(CommandHandle { stream, max_output })
     }
 
     /// Attaches to a running command started by [`Self::spawn`]: its output

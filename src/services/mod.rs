@@ -3,11 +3,14 @@
 //! over one request to the guest agent ([`crate::agent`]) on a fresh vsock
 //! connection, so any number of them run concurrently on one sandbox.
 
-// WIRING: code, files
+mod code;
 mod commands;
+mod files;
 mod ports;
 
+pub use code::{CodeContexts, Execution};
 pub use commands::{CommandEvent, CommandHandle, CommandOutput, Commands};
+pub use files::{DirWatcher, Files, MAX_READ};
 pub use ports::{PortForward, Ports};
 
 use crate::sandbox::{Running, Sandbox};
@@ -19,10 +22,18 @@ impl Sandbox<Running> {
         Commands::new(self)
     }
 
+    /// The guest's file system: read, write, list, stat, watch.
+    pub fn files(&self) -> Files<'_> {
+        Files::new(self)
+    }
+
+    /// The Python interpreter contexts used by [`Sandbox::run_code`].
+    pub fn code_contexts(&self) -> CodeContexts<'_> {
+        CodeContexts::new(self)
+    }
 
     /// Guest TCP ports exposed on host addresses.
     pub fn ports(&self) -> Ports<'_> {
         Ports::new(self)
     }
-
 }

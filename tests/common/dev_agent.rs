@@ -121,4 +121,3 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
-

@@ -53,7 +53,10 @@ pub fn run(conn: &File, reader: &mut FrameReader<&File>, req: Exec) {
         }
         if let Some(e) = e {
             log!("stopped listening to command {:?}: {e}", req.argv[0]);
-            let _ = write_frame(&mut &*conn, &Frame::error(ErrorKind::Protocol, e.to_string()));
+            let _ = write_frame(
+                &mut &*conn,
+                &Frame::error(ErrorKind::Protocol, e.to_string()),
+            );
         }
     }
 }
@@ -153,17 +156,18 @@ fn attach(conn: &File, reader: &mut FrameReader<&File>, proc: &Proc) {
         Err(_) => return,
     }
     // Nothing is expected from the host; any frame is a violation.
-    let outcome = loop {
-        match reader.read_frame() {
-            Ok(Some(other)) => break Some(unexpected(&other, "nothing (close to detach)")),
-            Ok(None) | Err(ProtoError::Io(_)) => break None,
-            Err(e) => break Some(e),
-        }
+    let outcome = match reader.read_frame() {
+        Ok(Some(other)) => Some(unexpected(&other, "nothing (close to detach)")),
+        Ok(None) | Err(ProtoError::Io(_)) => None,
+        Err(e) => Some(e),
     };
     proc.unsubscribe(conn);
     if let Some(e) = outcome {
         if !proc.ended() {
-            let _ = write_frame(&mut &*conn, &Frame::error(ErrorKind::Protocol, e.to_string()));
+            let _ = write_frame(
+                &mut &*conn,
+                &Frame::error(ErrorKind::Protocol, e.to_string()),
+            );
         }
     }
 }

@@ -25,6 +25,7 @@ mod exec;
 mod files;
 mod forward;
 mod init;
+mod interp;
 mod listener;
 mod log;
 mod procs;
@@ -33,6 +34,7 @@ mod session;
 mod spawn;
 mod sync;
 mod sys;
+mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;

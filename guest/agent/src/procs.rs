@@ -25,8 +25,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::log::log;
-use crate::proto::{encode, encode_header, ExitStatus, Frame, FrameType, ProcessInfo, HEADER_LEN};
 use crate::proto::DATA_CHUNK;
+use crate::proto::{encode, encode_header, ExitStatus, Frame, FrameType, ProcessInfo, HEADER_LEN};
 use crate::spawn::Child;
 use crate::{reaper, sys};
 
@@ -126,15 +126,16 @@ impl Proc {
             if s.stdin_done || !s.stdin_open {
                 // Data for a command that closed its stdin is not wanted;
                 // only a host that closed stdin itself gets an error.
-                return if s.stdin_done { Err(StdinError::Closed) } else { Ok(()) };
+                return if s.stdin_done {
+                    Err(StdinError::Closed)
+                } else {
+                    Ok(())
+                };
             }
             if s.pending.len() - s.pending_at < STDIN_BACKLOG {
                 break;
             }
-            s = self
-                .drained
-                .wait(s)
-                .unwrap_or_else(PoisonError::into_inner);
+            s = self.drained.wait(s).unwrap_or_else(PoisonError::into_inner);
         }
         if s.pending_at == s.pending.len() {
             s.pending.clear();
@@ -165,11 +166,12 @@ impl Proc {
 }
 
 fn inode(f: &File) -> (u64, u64) {
-    f.metadata().map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        (m.dev(), m.ino())
-    })
-    .unwrap_or((0, 0))
+    f.metadata()
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        })
+        .unwrap_or((0, 0))
 }
 
 /// The running command with this pid, if the agent started it.

@@ -2,12 +2,12 @@
 
 use std::fs::File;
 
-use crate::{code, exec, files, forward, sync};
 use crate::log::log;
 use crate::proto::{
     capability, write_frame, ErrorKind, Frame, FrameReader, Hello, HelloAck, ProtoError,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+use crate::{code, exec, files, forward, sync};
 
 /// Serves `conn` until its request is answered, then closes it. Errors are
 /// answered with an `Error` frame where the peer can still read it; a peer

@@ -6,6 +6,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
 use std::io;
 use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -56,29 +57,7 @@ pub struct Child {
 
 /// Starts `req` (already validated by the decoder).
 pub fn spawn(req: &Exec) -> Result<Child, Refusal> {
-    let env = environment(&req.env);
-    let cwd = match &req.cwd {
-        Some(cwd) => Some(working_dir(cwd)?),
-        None => None,
-    };
-    let program = resolve(&req.argv[0], &env, cwd.as_deref())?;
-
-    let c_program = cstring(program.as_os_str().as_bytes())?;
-    let c_argv = req
-        .argv
-        .iter()
-        .map(|a| cstring(a.as_bytes()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let c_env = env
-        .iter()
-        .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let c_cwd = cwd
-        .as_ref()
-        .map(|c| cstring(c.as_os_str().as_bytes()))
-        .transpose()?;
-    let argv_ptrs = null_terminated(&c_argv);
-    let env_ptrs = null_terminated(&c_env);
+    let prepared = prepare(&req.argv, &req.env, req.cwd.as_deref())?;
 
     let (stdout_r, stdout_w) = sys::pipe()?;
     let (stderr_r, stderr_w) = sys::pipe()?;
@@ -93,36 +72,7 @@ pub fn spawn(req: &Exec) -> Result<Child, Refusal> {
         _ => (File::open("/dev/null")?, None),
     };
 
-    let mut actions = FileActions::new()?;
-    actions.dup2(&stdin_child, 0)?;
-    actions.dup2(&stdout_w, 1)?;
-    actions.dup2(&stderr_w, 2)?;
-    if let Some(dir) = &c_cwd {
-        actions.chdir(dir)?;
-    }
-    let attr = SpawnAttr::new()?;
-
-    let (pid, status) = reaper::spawn_registered(|| {
-        let mut pid: libc::pid_t = 0;
-        // SAFETY: every pointer is valid for the call: the C strings and the
-        // NULL-terminated pointer arrays outlive it, and `actions`/`attr`
-        // are initialised objects.
-        let rc = unsafe {
-            libc::posix_spawn(
-                &mut pid,
-                c_program.as_ptr(),
-                actions.as_ptr(),
-                attr.as_ptr(),
-                argv_ptrs.as_ptr(),
-                env_ptrs.as_ptr(),
-            )
-        };
-        if rc == 0 {
-            Ok(pid)
-        } else {
-            Err(spawn_error(rc, &program))
-        }
-    })?;
+    let (pid, status) = prepared.spawn(&[(&stdin_child, 0), (&stdout_w, 1), (&stderr_w, 2)])?;
     // Only the child keeps its ends: EOF on our read ends then means the
     // command (and everything it started) closed its output.
     drop((stdin_child, stdout_w, stderr_w));
@@ -133,6 +83,112 @@ pub fn spawn(req: &Exec) -> Result<Child, Refusal> {
         stderr: stderr_r,
         stdin: stdin_ours,
     })
+}
+
+/// A command resolved and converted for `posix_spawn`, not started yet.
+pub struct Prepared {
+    program: PathBuf,
+    c_program: CString,
+    c_argv: Vec<CString>,
+    c_env: Vec<CString>,
+    c_cwd: Option<CString>,
+}
+
+/// Resolves `argv[0]` (looked up in the command's `PATH` unless it holds a
+/// `/`), builds the agent's environment plus `env`, and checks `cwd` (the
+/// agent's own when `None`). `argv` must not be empty.
+pub fn prepare(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: Option<&str>,
+) -> Result<Prepared, Refusal> {
+    let env = environment(env);
+    let cwd = match cwd {
+        Some(cwd) => Some(working_dir(cwd)?),
+        None => None,
+    };
+    let name = argv
+        .first()
+        .ok_or_else(|| Refusal::new(ErrorKind::InvalidRequest, "argv is empty"))?;
+    let program = resolve(name, &env, cwd.as_deref())?;
+    Ok(Prepared {
+        c_program: cstring(program.as_os_str().as_bytes())?,
+        program,
+        c_argv: argv
+            .iter()
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<Result<_, _>>()?,
+        c_env: env
+            .iter()
+            .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .collect::<Result<_, _>>()?,
+        c_cwd: cwd
+            .as_ref()
+            .map(|c| cstring(c.as_os_str().as_bytes()))
+            .transpose()?,
+    })
+}
+
+impl Prepared {
+    /// Starts the command in its own process group with each `(file, n)`
+    /// of `fds` as its descriptor `n` (every other descriptor of ours is
+    /// close-on-exec), registered with the [`reaper`]: returns its pid and
+    /// the pipe its raw `waitpid` status arrives on.
+    pub fn spawn(&self, fds: &[(&File, libc::c_int)]) -> Result<(libc::pid_t, File), Refusal> {
+        // The child performs the dup2s in order, so a source numbered like
+        // an earlier target would be overwritten first: move such sources
+        // above every target (never the case for targets 0..=2).
+        let top = fds.iter().map(|&(_, n)| n).max().unwrap_or(0);
+        let mut moved = Vec::new();
+        let mut sources = Vec::with_capacity(fds.len());
+        for &(file, target) in fds {
+            let fd = file.as_raw_fd();
+            if fd > 2 && fd <= top {
+                // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we hold open to
+                // the lowest free number above `top`; no pointers involved.
+                let high = sys::cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, top + 1) })?;
+                // SAFETY: fcntl succeeded, so `high` is open and ours alone.
+                moved.push(unsafe { OwnedFd::from_raw_fd(high) });
+                sources.push((high, target));
+            } else {
+                sources.push((fd, target));
+            }
+        }
+        let argv_ptrs = null_terminated(&self.c_argv);
+        let env_ptrs = null_terminated(&self.c_env);
+        let mut actions = FileActions::new()?;
+        for &(fd, target) in &sources {
+            actions.dup2(fd, target)?;
+        }
+        if let Some(dir) = &self.c_cwd {
+            actions.chdir(dir)?;
+        }
+        let attr = SpawnAttr::new()?;
+
+        let spawned = reaper::spawn_registered(|| {
+            let mut pid: libc::pid_t = 0;
+            // SAFETY: every pointer is valid for the call: the C strings and
+            // the NULL-terminated pointer arrays outlive it, and
+            // `actions`/`attr` are initialised objects.
+            let rc = unsafe {
+                libc::posix_spawn(
+                    &mut pid,
+                    self.c_program.as_ptr(),
+                    actions.as_ptr(),
+                    attr.as_ptr(),
+                    argv_ptrs.as_ptr(),
+                    env_ptrs.as_ptr(),
+                )
+            };
+            if rc == 0 {
+                Ok(pid)
+            } else {
+                Err(spawn_error(rc, &self.program))
+            }
+        });
+        drop(moved);
+        spawned
+    }
 }
 
 /// The agent's environment with the request's variables added or replaced.
@@ -263,8 +319,7 @@ impl FileActions {
 
     /// Makes `fd` the child's descriptor `target` (glibc clears
     /// close-on-exec, also when the numbers are equal).
-    fn dup2(&mut self, fd: &File, target: libc::c_int) -> io::Result<()> {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(fd);
+    fn dup2(&mut self, fd: libc::c_int, target: libc::c_int) -> io::Result<()> {
         // SAFETY: the object was initialised in `new`.
         check(unsafe { libc::posix_spawn_file_actions_adddup2(self.0.as_mut_ptr(), fd, target) })
     }
