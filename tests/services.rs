@@ -466,9 +466,19 @@ fn watch_dir_sees_what_a_command_does() {
 
 #[test]
 fn run_code_keeps_state_reports_errors_and_times_out() {
-    with_sandbox(|sbx| async move {
+    with_sandbox_alone(|sbx| async move {
         let start = Instant::now();
-        let run = sbx.run_code("x = 42").await.unwrap();
+        let mut run = sbx.run_code("x = 42").await.unwrap();
+        // On a PVM host a starting python3 now and then dies of corrupted
+        // memory (README, "Host kinds"). The interpreter's death is
+        // reported as such and the next run starts a fresh one, which is
+        // what is checked here; a second death fails the test.
+        if run.error.as_ref().map(|e| e.name.as_str())
+            == Some(dormouse::agent::code::INTERPRETER_DIED)
+        {
+            eprintln!("!!! the interpreter died at its start, once: {run:?}");
+            run = sbx.run_code("x = 42").await.unwrap();
+        }
         eprintln!(
             "first run_code (starts the interpreter) in {:?}",
             start.elapsed()
