@@ -7,11 +7,11 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command as Process;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{runtime, TEMPLATE};
 use dormouse::snapshot::SnapshotError;
-use dormouse::{Error, Running, Sandbox, SandboxConfig};
+use dormouse::{Command, Error, Running, Sandbox, SandboxConfig};
 
 /// Set in the child process this test spawns: the sandbox to resume.
 const CHILD_ID_ENV: &str = "DORMOUSE_TEST_CHILD_SANDBOX";
@@ -33,10 +33,18 @@ while True:
     os.rename('/tmp/count.tmp', '/tmp/count')
     time.sleep(0.2)
 EOF
-setsid python3 /tmp/counter.py </dev/null >/dev/null 2>&1 &";
+setsid python3 /tmp/counter.py </dev/null >/tmp/counter.log 2>&1 &";
+
+/// Longest any one guest command of this test may take: a guest process
+/// that died or hung fails the test instead of hanging it.
+const COMMAND_LIMIT: Duration = Duration::from_secs(300);
 
 async fn run(sbx: &Sandbox<Running>, cmd: &str) -> String {
-    let out = sbx.commands().run(cmd).await.expect(cmd);
+    let out = sbx
+        .commands()
+        .exec(Command::shell(cmd).timeout(COMMAND_LIMIT))
+        .await
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert_eq!(out.exit_code, 0, "{cmd}: {out:?}");
     out.stdout
 }
@@ -111,7 +119,9 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     .await;
     let pid = run(
         &sbx,
-        "while [ ! -e /tmp/count ]; do sleep 1; done; cat /tmp/counter.pid",
+        "for _ in $(seq 240); do [ -e /tmp/count ] && break; sleep 1; done; \
+         [ -e /tmp/count ] || { echo 'the counter never counted:' >&2; cat /tmp/counter.log >&2; exit 1; }; \
+         cat /tmp/counter.pid",
     )
     .await;
     let pid = pid.trim().to_owned();

@@ -30,12 +30,12 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::{
-    hello_msg, info_from_ack, io_error, remote, unexpected, AgentError, Conn, DEFAULT_MAX_OUTPUT,
-    READ_CHUNK,
+    hello_msg, info_from_ack, io_error, receive, remote, unexpected, AgentError, Conn,
+    DEFAULT_MAX_OUTPUT,
 };
 use crate::proto::{self, encode, CodeRequest, ContextInfo, Decoder, Frame};
 
@@ -229,11 +229,7 @@ where
         } else {
             "during the handshake"
         };
-        match stream.read(dec.read_space(READ_CHUNK)).await {
-            Ok(0) => return Err(AgentError::Disconnected { during }),
-            Ok(n) => dec.commit(n),
-            Err(e) => return Err(io_error(e, during)),
-        }
+        receive(&mut stream, &mut dec, during).await?;
     }
 }
 

@@ -35,7 +35,10 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{hello_msg, info_from_ack, io_error, remote, unexpected, AgentError, Conn, READ_CHUNK};
+use super::{
+    hello_msg, info_from_ack, io_error, receive_while_sending, remote, unexpected, AgentError,
+    Conn, READ_CHUNK,
+};
 use crate::proto::{
     encode, encode_header, Decoder, EntryInfo, EntryKind, FileEvent, FileRequest, Frame, FrameType,
     DATA_CHUNK, HEADER_LEN,
@@ -320,30 +323,16 @@ where
         } else {
             "while sending the file"
         };
-        let space = dec.read_space(READ_CHUNK);
-        let read = if writing {
-            tokio::select! {
-                biased;
-                r = rd.read(space) => r,
-                w = &mut writer => {
-                    writing = false;
-                    match w {
-                        Ok(()) => sent_done = true,
-                        Err(SendError::Source(e)) => return Err(AgentError::Transfer(e)),
-                        // The agent's Error frame or the end of the
-                        // stream, read next, is the answer.
-                        Err(SendError::Stream) => {}
-                    }
-                    continue;
-                }
+        let sending = writing.then_some(writer.as_mut());
+        if let Some(sent) = receive_while_sending(&mut rd, &mut dec, sending, during).await? {
+            writing = false;
+            match sent {
+                Ok(()) => sent_done = true,
+                Err(SendError::Source(e)) => return Err(AgentError::Transfer(e)),
+                // The agent's Error frame or the end of the stream, read
+                // next, is the answer.
+                Err(SendError::Stream) => {}
             }
-        } else {
-            rd.read(space).await
-        };
-        match read {
-            Ok(0) => return Err(AgentError::Disconnected { during }),
-            Ok(n) => dec.commit(n),
-            Err(e) => return Err(io_error(e, during)),
         }
     }
 }

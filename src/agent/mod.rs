@@ -451,26 +451,14 @@ where
         } else {
             "during the handshake"
         };
-        let space = dec.read_space(READ_CHUNK);
-        let read = if writing {
-            tokio::select! {
-                biased;
-                r = rd.read(space) => r,
-                w = &mut writer => {
-                    writing = false;
-                    // A failed write (the agent closed early) is not the
-                    // answer: the agent's Error frame or EOF, read next, is.
-                    drop(w);
-                    continue;
-                }
-            }
-        } else {
-            rd.read(space).await
-        };
-        match read {
-            Ok(0) => return Err(AgentError::Disconnected { during }),
-            Ok(n) => dec.commit(n),
-            Err(e) => return Err(io_error(e, during)),
+        let sending = writing.then_some(writer.as_mut());
+        if receive_while_sending(&mut rd, &mut dec, sending, during)
+            .await?
+            .is_some()
+        {
+            // Sent, or failed to (the agent closed early): either way the
+            // answer is the agent's frames or EOF, read next.
+            writing = false;
         }
     }
 }
@@ -541,6 +529,47 @@ fn io_error(e: io::Error, during: &'static str) -> AgentError {
     }
 }
 
+/// Reads the agent's next bytes into `dec`; the end of the stream is
+/// [`AgentError::Disconnected`] `during` the named step.
+async fn receive<R>(rd: &mut R, dec: &mut Decoder, during: &'static str) -> Result<(), AgentError>
+where
+    R: AsyncRead + Unpin,
+{
+    match rd.read(dec.read_space(READ_CHUNK)).await {
+        Ok(0) => Err(AgentError::Disconnected { during }),
+        Ok(n) => {
+            dec.commit(n);
+            Ok(())
+        }
+        Err(e) => Err(io_error(e, during)),
+    }
+}
+
+/// Like [`receive`] while `sending` (the rest of a request, if still being
+/// sent) makes progress at the same time: the agent may answer, or fail,
+/// before it has read everything. Gives `Some` with the sender's result
+/// when that finishes first (nothing was read then); pass `None` from then
+/// on.
+async fn receive_while_sending<R, W>(
+    rd: &mut R,
+    dec: &mut Decoder,
+    sending: Option<std::pin::Pin<&mut W>>,
+    during: &'static str,
+) -> Result<Option<W::Output>, AgentError>
+where
+    R: AsyncRead + Unpin,
+    W: std::future::Future,
+{
+    let Some(sending) = sending else {
+        return receive(rd, dec, during).await.map(|()| None);
+    };
+    tokio::select! {
+        biased;
+        read = receive(rd, dec, during) => read.map(|()| None),
+        sent = sending => Ok(Some(sent)),
+    }
+}
+
 /// A stream with a frame decoder, for the simple request/answer exchanges.
 struct Conn<S> {
     stream: S,
@@ -574,12 +603,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             if let Some(frame) = self.dec.next_frame()? {
                 return Ok(frame);
             }
-            let space = self.dec.read_space(READ_CHUNK);
-            match self.stream.read(space).await {
-                Ok(0) => return Err(AgentError::Disconnected { during }),
-                Ok(n) => self.dec.commit(n),
-                Err(e) => return Err(io_error(e, during)),
-            }
+            receive(&mut self.stream, &mut self.dec, during).await?;
         }
     }
 

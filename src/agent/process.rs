@@ -14,11 +14,11 @@
 //! # Ok(()) }
 //! ```
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::{
-    hello_msg, info_from_ack, io_error, remote, unexpected, AgentError, Conn, ExecRequest,
-    OutputChunk, READ_CHUNK,
+    hello_msg, info_from_ack, io_error, receive, remote, unexpected, AgentError, Conn, ExecRequest,
+    OutputChunk,
 };
 use crate::proto::{
     encode, Decoder, ExitStatus, Frame, ProcessInfo, ProcessRequest, Started, DATA_CHUNK,
@@ -82,16 +82,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ProcessStream<S> {
                     other => Err(unexpected(&other, "Stdout, Stderr, Exit or Error")),
                 };
             }
-            let space = self.dec.read_space(READ_CHUNK);
-            match self.rd.read(space).await {
-                Ok(0) => {
-                    return Err(AgentError::Disconnected {
-                        during: "while the command ran",
-                    })
-                }
-                Ok(n) => self.dec.commit(n),
-                Err(e) => return Err(io_error(e, "while the command ran")),
-            }
+            receive(&mut self.rd, &mut self.dec, "while the command ran").await?;
         }
     }
 
@@ -159,16 +150,7 @@ where
             }
             continue;
         }
-        let space = ps.dec.read_space(READ_CHUNK);
-        match ps.rd.read(space).await {
-            Ok(0) => {
-                return Err(AgentError::Disconnected {
-                    during: "while starting the command",
-                })
-            }
-            Ok(n) => ps.dec.commit(n),
-            Err(e) => return Err(io_error(e, "while starting the command")),
-        }
+        receive(&mut ps.rd, &mut ps.dec, "while starting the command").await?;
     };
     ps.pid = pid;
     if let Some(data) = &req.stdin {

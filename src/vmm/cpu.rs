@@ -56,14 +56,16 @@ impl HostKind {
 
     /// Kernel parameters the guest needs on this host kind.
     ///
-    /// On PVM: no XSAVE, and `clearcpuid=` for SMAP (308), SMEP (295), POPCNT
-    /// (151), ERMS (297) and FSRM (580), which the guest would otherwise still
-    /// see through PVM; without ERMS/FSRM the kernel copies with `rep movsq`
+    /// On PVM: `clearcpuid=` for SMAP (308), SMEP (295), POPCNT
+    /// (151), ERMS (297), FSRM (580), XSAVEOPT (320), XSAVEC (321), XGETBV1
+    /// (322) and XSAVES (323), which the guest would otherwise still see
+    /// through PVM. Without ERMS/FSRM the kernel copies with `rep movsq`
     /// instead of byte-wise `rep movsb`, which the emulator runs one iteration
-    /// at a time.
+    /// at a time; without the XSAVE variants it uses plain XSAVE/XRSTOR in
+    /// the standard format, which the VMM completes (`xsave.rs`).
     pub fn kernel_params(self) -> &'static str {
         match self {
-            HostKind::Pvm => "noxsave clearcpuid=308,295,151,297,580",
+            HostKind::Pvm => "clearcpuid=308,295,151,297,580,320,321,322,323",
             _ => "",
         }
     }
@@ -101,13 +103,32 @@ const LEAF1_EDX_HTT: u32 = 28;
 const LEAF7_EBX_SMEP: u32 = 7;
 const LEAF7_EBX_ERMS: u32 = 9;
 const LEAF7_EBX_SMAP: u32 = 20;
+const LEAF7_EBX_AVX512F: u32 = 16;
 const LEAF7_EDX_FSRM: u32 = 4;
+const XFEATURE_FP: u64 = 1 << 0;
+const XFEATURE_SSE: u64 = 1 << 1;
+const XFEATURE_YMM: u64 = 1 << 2;
+/// Opmask, ZMM_Hi256 and Hi16_ZMM: the AVX-512 state.
+const XFEATURE_AVX512: u64 = 0b111 << 5;
+
+/// The XCR0 this host runs user code with, which on PVM is also the XCR0
+/// guest user mode runs with: PVM does not switch it.
+fn host_xcr0() -> u64 {
+    if std::arch::is_x86_feature_detected!("xsave") {
+        // SAFETY: the CPU has XSAVE and the OS enabled it (OSXSAVE), which
+        // is what the detection above checks, so XGETBV(0) is valid.
+        unsafe { std::arch::x86_64::_xgetbv(0) }
+    } else {
+        XFEATURE_FP | XFEATURE_SSE
+    }
+}
 
 /// The CPUID table for vCPU `index` of `count`, derived from what KVM supports.
 pub fn vcpu_cpuid(kvm: &Kvm, host: HostKind, index: u8, count: u8) -> Result<CpuId, CpuError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuError::SupportedCpuid)?;
+    let xcr0 = host_xcr0();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             0x1 => {
@@ -118,28 +139,55 @@ pub fn vcpu_cpuid(kvm: &Kvm, host: HostKind, index: u8, count: u8) -> Result<Cpu
                     entry.edx |= 1 << LEAF1_EDX_HTT;
                 }
                 if host.is_pvm() {
+                    // XSAVE (completed by the VMM, see `xsave.rs`) and AVX
+                    // exactly when guest user mode can use them: the guest
+                    // kernel then saves that state on task switches.
                     entry.ecx &= !((1 << LEAF1_ECX_POPCNT)
-                        | (1 << LEAF1_ECX_XSAVE)
                         | (1 << LEAF1_ECX_OSXSAVE)
                         | (1 << LEAF1_ECX_AVX));
+                    entry.ecx |= 1 << LEAF1_ECX_XSAVE;
+                    if xcr0 & XFEATURE_YMM != 0 {
+                        entry.ecx |= 1 << LEAF1_ECX_AVX;
+                    }
                 }
             }
             0x7 if entry.index == 0 && host.is_pvm() => {
-                entry.ebx &=
-                    !((1 << LEAF7_EBX_SMEP) | (1 << LEAF7_EBX_ERMS) | (1 << LEAF7_EBX_SMAP));
+                entry.ebx &= !((1 << LEAF7_EBX_SMEP)
+                    | (1 << LEAF7_EBX_ERMS)
+                    | (1 << LEAF7_EBX_SMAP)
+                    | (1 << LEAF7_EBX_AVX512F));
+                if xcr0 & XFEATURE_AVX512 == XFEATURE_AVX512 {
+                    entry.ebx |= 1 << LEAF7_EBX_AVX512F;
+                }
                 entry.edx &= !(1 << LEAF7_EDX_FSRM);
             }
             0xb | 0x1f => {
                 // x2APIC topology: one thread per core, `count` cores.
                 entry.edx = u32::from(index);
             }
-            0xd if host.is_pvm() => {
-                // No XSAVE state components.
-                entry.eax = 0;
-                entry.ebx = 0;
-                entry.ecx = 0;
-                entry.edx = 0;
-            }
+            0xd if host.is_pvm() => match entry.index {
+                // The state components user mode has, in the standard
+                // format (sizes as KVM reports them).
+                0 => {
+                    entry.eax &= xcr0 as u32;
+                    entry.edx &= (xcr0 >> 32) as u32;
+                }
+                // No XSAVEOPT, XSAVEC, XGETBV1 or XSAVES: `xsave.rs`
+                // completes plain XSAVE and XRSTOR only.
+                1 => {
+                    entry.eax = 0;
+                    entry.ebx = 0;
+                    entry.ecx = 0;
+                    entry.edx = 0;
+                }
+                i if i < 64 && xcr0 & (1 << i) == 0 => {
+                    entry.eax = 0;
+                    entry.ebx = 0;
+                    entry.ecx = 0;
+                    entry.edx = 0;
+                }
+                _ => {}
+            },
             _ => {}
         }
     }
@@ -200,7 +248,7 @@ mod tests {
 
     #[test]
     fn pvm_params_only_on_pvm() {
-        assert!(HostKind::Pvm.kernel_params().contains("noxsave"));
+        assert!(HostKind::Pvm.kernel_params().contains("clearcpuid"));
         assert_eq!(HostKind::IntelVmx.kernel_params(), "");
         assert!(should_inject_breakpoint(HostKind::Pvm, &[0xcc]));
         assert!(!should_inject_breakpoint(HostKind::IntelVmx, &[0xcc]));

@@ -224,7 +224,7 @@ impl Machine {
         }
 
         let bus = Arc::new(DeviceManager::new(serial, slots));
-        let shared = VcpuShared::new(host, console.clone());
+        let shared = VcpuShared::new(host, console.clone(), vm.memory().clone());
         let mut machine = Machine {
             vcpus: Vec::new(),
             parked: Vec::new(),
@@ -394,7 +394,7 @@ impl Machine {
         let mut machine = Machine {
             vcpus: Vec::new(),
             parked: fds,
-            shared: VcpuShared::new(host, console.clone()),
+            shared: VcpuShared::new(host, console.clone(), vm.memory().clone()),
             bus: Arc::new(DeviceManager::new(serial, slots)),
             console,
             host,

@@ -11,6 +11,7 @@ pub mod mptable;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
+pub mod xsave;
 
 pub mod machine;
 pub use machine::{Machine, MachineConfig, MachineError, MachineState, RestoreConfig};

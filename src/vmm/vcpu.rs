@@ -17,6 +17,8 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use super::cpu::{should_inject_breakpoint, HostKind};
 use super::devices::bus::{BusAction, DeviceManager};
 use super::devices::serial::Console;
+use super::memory::GuestMemory;
+use super::xsave;
 
 /// Why a VM stopped running on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,17 +69,20 @@ pub struct VcpuShared {
     reason: Mutex<Option<GuestStop>>,
     host: HostKind,
     console: Console,
+    /// Guest memory, for the instructions the VMM completes itself.
+    mem: GuestMemory,
     threads: Mutex<Vec<libc::pthread_t>>,
 }
 
 impl VcpuShared {
     /// Shared state for a machine on `host`.
-    pub fn new(host: HostKind, console: Console) -> Arc<Self> {
+    pub fn new(host: HostKind, console: Console, mem: GuestMemory) -> Arc<Self> {
         Arc::new(Self {
             stop: AtomicBool::new(false),
             reason: Mutex::new(None),
             host,
             console,
+            mem,
             threads: Mutex::new(Vec::new()),
         })
     }
@@ -261,7 +266,7 @@ fn run_once(
             log::debug!("vCPU {index}: system event {kind} (reset = {KVM_SYSTEM_EVENT_RESET})");
             return Some(GuestStop::Shutdown);
         }
-        Ok(VcpuExit::InternalError) => return internal_error(index, fd, shared.host),
+        Ok(VcpuExit::InternalError) => return internal_error(index, fd, shared),
         Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
         Ok(exit) => {
             return Some(GuestStop::VcpuFault {
@@ -297,7 +302,8 @@ fn emulation_insn_bytes(ndata: u32, data: &[u64; 16]) -> Vec<u8> {
     raw[1..1 + len].to_vec()
 }
 
-fn internal_error(index: u8, fd: &mut VcpuFd, host: HostKind) -> Option<GuestStop> {
+fn internal_error(index: u8, fd: &mut VcpuFd, shared: &VcpuShared) -> Option<GuestStop> {
+    let host = shared.host;
     // SAFETY: KVM set exit_reason to KVM_EXIT_INTERNAL_ERROR, so `internal`
     // is the active member of the exit union.
     let internal = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal };
@@ -306,6 +312,15 @@ fn internal_error(index: u8, fd: &mut VcpuFd, host: HostKind) -> Option<GuestSto
     } else {
         Vec::new()
     };
+    if let Some(xsave) = host.is_pvm().then(|| xsave::decode(&insn)).flatten() {
+        return match xsave::complete(fd, &shared.mem, &xsave) {
+            Ok(()) => None,
+            Err(e) => Some(GuestStop::VcpuFault {
+                vcpu: index,
+                reason: e.to_string(),
+            }),
+        };
+    }
     if should_inject_breakpoint(host, &insn) {
         match inject_breakpoint(fd) {
             Ok(()) => return None,

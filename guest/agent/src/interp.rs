@@ -50,11 +50,11 @@ const BOOTSTRAP: &str =
 /// Writes the driver to a file of its own and returns the file's path:
 /// `/run` (a tmpfs in the guest), else the temporary directory.
 ///
-/// A file, not an argument: on a PVM host, a new process's arguments that
-/// span several pages are occasionally corrupted by the hypervisor (see
-/// the README, "Host kinds"), and the driver is 10 KiB. Written at every interpreter
-/// start (user code may delete it), through a temporary name and a rename,
-/// so a concurrent start never reads half a file.
+/// A file, not an argument: the driver is 10 KiB, which as an argument
+/// would fill every process listing (`ps`, the commands service) of the
+/// sandbox. Written at every interpreter start (user code may delete it),
+/// through a temporary name and a rename, so a concurrent start never reads
+/// half a file.
 fn driver_file() -> io::Result<String> {
     let mut last = None;
     for dir in [std::path::PathBuf::from("/run"), std::env::temp_dir()] {
