@@ -94,16 +94,18 @@ fn commands_env_cwd_stdin_exit_codes_and_timeout() {
 
         let start = Instant::now();
         let err = cmds
-            .exec(Command::shell("echo started; sleep 600").timeout(Duration::from_secs(3)))
+            // Long enough for the shell to start and print on a busy
+            // emulated guest (other tests run at the same time).
+            .exec(Command::shell("echo started; sleep 600").timeout(Duration::from_secs(20)))
             .await
             .unwrap_err();
         let Error::CommandTimedOut { timeout, output } = err else {
             panic!("expected a timeout, got {err:?}");
         };
-        assert_eq!(timeout, Duration::from_secs(3));
+        assert_eq!(timeout, Duration::from_secs(20));
         assert_eq!(output.stdout, "started\n");
         assert_eq!(output.signal, Some(9));
-        // Killed at 3 s; a busy emulated guest may take a while to say so,
+        // Killed at 20 s; a busy emulated guest may take a while to say so,
         // but far less than the 600 s the command would run.
         assert!(start.elapsed() < Duration::from_secs(300));
 
@@ -607,5 +609,46 @@ fn guest_tasks_keep_their_simd_registers() {
         }
         assert_eq!(out.exit_code, 0, "{out:?}");
         assert_eq!(out.stdout.matches("ok ").count(), 3, "{out:?}");
+    });
+}
+
+#[test]
+fn commands_run_as_another_user() {
+    with_sandbox(|sbx| async move {
+        let cmds = sbx.commands();
+        let out = cmds
+            .exec(
+                Command::shell("id -un; id -u; echo $HOME $USER; touch /root/denied 2>&1; pwd")
+                    .cwd("/tmp")
+                    .user("user"),
+            )
+            .await
+            .unwrap();
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert_eq!(lines[..3], ["user", "1000", "/home/user user"], "{out:?}");
+        assert!(lines[3].contains("Permission denied"), "{out:?}");
+        assert_eq!(lines[4], "/tmp", "{out:?}");
+        // Root stays the default, and an env of the request wins.
+        let out = cmds
+            .exec(Command::shell("id -u; echo $HOME").env("HOME", "/srv"))
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, "0\n/srv\n");
+        // A user the guest does not have, or a program it cannot find.
+        for cmd in [
+            Command::shell("true").user("nobody-here"),
+            Command::new(["no-such-program"]).user("user"),
+        ] {
+            assert!(
+                matches!(
+                    cmds.exec(cmd).await,
+                    Err(Error::Agent(dormouse::agent::AgentError::Remote {
+                        kind: dormouse::proto::ErrorKind::NotFound,
+                        ..
+                    }))
+                ),
+                "expected NotFound"
+            );
+        }
     });
 }

@@ -170,6 +170,14 @@ EOF
 rm -f "$r/etc/resolv.conf"
 : > "$r/etc/resolv.conf"
 : > "$r/etc/fstab"
+# An unprivileged user for commands run with `Command::user("user")` (the
+# default user of E2B sandboxes has the same name and home).
+grep -q '^user:' "$r/etc/passwd" || {
+    echo 'user:x:1000:1000:dormouse user:/home/user:/bin/bash' >> "$r/etc/passwd"
+    echo 'user:x:1000:' >> "$r/etc/group"
+    echo 'user:*:20000:0:99999:7:::' >> "$r/etc/shadow"
+}
+install -d -m 0755 -o 1000 -g 1000 "$r/home/user"
 sbin=$(in_tree sbin)
 install -m 0755 "$agent" "$sbin/dormouse-agent"
 # The default init of the kernel finds the agent too (init= not required).

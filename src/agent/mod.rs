@@ -166,6 +166,8 @@ pub struct ExecRequest {
     pub timeout: Option<std::time::Duration>,
     /// A label shown by [`process::list`].
     pub tag: Option<String>,
+    /// The guest user to run as (root when `None`).
+    pub user: Option<String>,
 }
 
 impl ExecRequest {
@@ -185,6 +187,7 @@ impl ExecRequest {
             keep_stdin_open: false,
             timeout: None,
             tag: None,
+            user: None,
         }
     }
 
@@ -202,6 +205,23 @@ impl ExecRequest {
     /// Sets the working directory.
     pub fn cwd(mut self, dir: impl Into<String>) -> Self {
         self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Runs the command as `name`, a user of the guest's `/etc/passwd`
+    /// (the default template has `root` and the unprivileged `user`, whose
+    /// home is `/home/user`): its uid, gid and groups, with `HOME`, `USER`
+    /// and `LOGNAME` set (unless [`Self::env`] sets them). Root by default.
+    /// An unknown user fails with a remote `NotFound`.
+    ///
+    /// ```no_run
+    /// # async fn demo(sbx: &dormouse::Sandbox<dormouse::Running>) -> dormouse::Result<()> {
+    /// let out = sbx.commands().exec(dormouse::Command::shell("id -un").user("user")).await?;
+    /// assert_eq!(out.stdout, "user\n");
+    /// # Ok(()) }
+    /// ```
+    pub fn user(mut self, name: impl Into<String>) -> Self {
+        self.user = Some(name.into());
         self
     }
 
@@ -257,6 +277,7 @@ impl ExecRequest {
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
             tag: self.tag.clone(),
             report_pid: false,
+            user: self.user.clone(),
         };
         exec.validate().map_err(AgentError::InvalidRequest)?;
         Ok(exec)

@@ -316,6 +316,10 @@ pub struct Exec {
     /// A label of the caller's, shown by [`ProcessRequest::List`].
     #[serde(default)]
     pub tag: Option<String>,
+    /// Run as this user of the guest's `/etc/passwd` (its uid, gid, groups,
+    /// `HOME`, `USER`, `LOGNAME`); as the agent (root) when absent.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 impl Exec {
@@ -349,6 +353,14 @@ impl Exec {
         if let Some(tag) = &self.tag {
             if tag.contains('\0') || tag.len() > 256 {
                 return Err("the tag must be at most 256 bytes without NUL".into());
+            }
+        }
+        if let Some(user) = &self.user {
+            let valid = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+            if user.is_empty() || user.len() > 32 || !user.chars().all(valid) {
+                return Err(format!(
+                    "user name {user:?} is invalid: use 1 to 32 letters, digits, '.', '_' or '-'"
+                ));
             }
         }
         if let Some(cwd) = &self.cwd {

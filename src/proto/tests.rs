@@ -50,6 +50,7 @@ fn sample_frames() -> Vec<Frame> {
             background: true,
             timeout_ms: Some(1500),
             tag: Some("server".into()),
+            user: Some("user".into()),
         }),
         Frame::Stdin(b"input\0with nul".to_vec()),
         Frame::StdinEof,

@@ -57,7 +57,10 @@ pub struct Child {
 
 /// Starts `req` (already validated by the decoder).
 pub fn spawn(req: &Exec) -> Result<Child, Refusal> {
-    let prepared = prepare(&req.argv, &req.env, req.cwd.as_deref())?;
+    let prepared = match req.user.as_deref() {
+        None | Some("root") => prepare(&req.argv, &req.env, req.cwd.as_deref())?,
+        Some(name) => prepare_as(&lookup_user(name)?, req)?,
+    };
 
     let (stdout_r, stdout_w) = sys::pipe()?;
     let (stderr_r, stderr_w) = sys::pipe()?;
@@ -189,6 +192,75 @@ impl Prepared {
         drop(moved);
         spawned
     }
+}
+
+/// Drops to a user's ids between `posix_spawn` and the program: util-linux
+/// `setpriv` (in every Debian system), which execs the program in place,
+/// so the pid the host sees is the program's.
+const SETPRIV: &str = "/usr/bin/setpriv";
+
+/// A user of the guest's `/etc/passwd`.
+#[derive(Debug, PartialEq, Eq)]
+struct User {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: String,
+}
+
+/// Finds `name` in `/etc/passwd`.
+fn lookup_user(name: &str) -> Result<User, Refusal> {
+    let passwd = fs::read_to_string("/etc/passwd")?;
+    find_user(&passwd, name).ok_or_else(|| {
+        Refusal::new(
+            ErrorKind::NotFound,
+            format!("user {name} does not exist in the sandbox (see /etc/passwd)"),
+        )
+    })
+}
+
+fn find_user(passwd: &str, name: &str) -> Option<User> {
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 || f[0] != name {
+            return None;
+        }
+        Some(User {
+            name: name.to_owned(),
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: f[5].to_owned(),
+        })
+    })
+}
+
+/// Like [`prepare`] for `req`, run as `user`: the program is resolved
+/// here (so a missing one is `NotFound` as for root) and started through
+/// [`SETPRIV`] with the user's ids and groups; `HOME`, `USER` and
+/// `LOGNAME` are the user's unless the request sets them.
+fn prepare_as(user: &User, req: &Exec) -> Result<Prepared, Refusal> {
+    let mut env = vec![
+        ("HOME".to_owned(), user.home.clone()),
+        ("USER".to_owned(), user.name.clone()),
+        ("LOGNAME".to_owned(), user.name.clone()),
+    ];
+    env.extend(req.env.iter().cloned());
+    let cwd = req.cwd.as_deref().map(working_dir).transpose()?;
+    let name = req
+        .argv
+        .first()
+        .ok_or_else(|| Refusal::new(ErrorKind::InvalidRequest, "argv is empty"))?;
+    let program = resolve(name, &environment(&env), cwd.as_deref())?;
+    let mut argv = vec![
+        SETPRIV.to_owned(),
+        format!("--reuid={}", user.uid),
+        format!("--regid={}", user.gid),
+        "--init-groups".to_owned(),
+        "--".to_owned(),
+        program.to_string_lossy().into_owned(),
+    ];
+    argv.extend(req.argv[1..].iter().cloned());
+    prepare(&argv, &env, req.cwd.as_deref())
 }
 
 /// The agent's environment with the request's variables added or replaced.
@@ -396,6 +468,25 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn users_come_from_passwd_lines() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      broken:x:zero:0::/:/bin/sh\n\
+                      user:x:1000:1000:dormouse user:/home/user:/bin/bash\n";
+        assert_eq!(
+            super::find_user(passwd, "user"),
+            Some(super::User {
+                name: "user".into(),
+                uid: 1000,
+                gid: 1000,
+                home: "/home/user".into(),
+            })
+        );
+        assert_eq!(super::find_user(passwd, "broken"), None);
+        assert_eq!(super::find_user(passwd, "nobody"), None);
+        assert_eq!(super::find_user(passwd, "use"), None);
+    }
+
     use super::*;
 
     #[test]
