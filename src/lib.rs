@@ -26,6 +26,7 @@
 pub mod agent;
 pub mod disk;
 mod error;
+pub mod fault;
 pub mod proto;
 mod runtime;
 mod sandbox;

@@ -476,6 +476,25 @@ impl Sandbox<Running> {
         }
     }
 
+    /// Stops the guest of a sandbox resumed from a snapshot, dropping
+    /// everything it did since (its pending disk writes go at the next
+    /// open): the sandbox is paused at that snapshot again.
+    async fn back_to_snapshot(mut self) -> Sandbox<Paused> {
+        let machine = self.inner.machine.take();
+        let disk = self.inner.disk.take();
+        self.inner.link.set(None);
+        self.inner.based_on = None;
+        self.inner.delete_on_drop = false;
+        let stopped = tokio::task::spawn_blocking(move || drop((machine, disk))).await;
+        if let Err(e) = stopped {
+            log::error!("stopping the guest panicked: {e}");
+        }
+        Sandbox {
+            inner: self.inner,
+            _state: PhantomData,
+        }
+    }
+
     async fn wait_for_agent(&mut self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         loop {
@@ -600,18 +619,18 @@ impl Sandbox<Running> {
                 (Some(dirty), None) => snapshot::MemoryWrite::BaseOf(dirty),
                 (None, _) => snapshot::MemoryWrite::Full,
             };
-            let flush = || {
-                let Some(disk) = &disk else { return Ok(()) };
+            let seal = |generation| {
+                let Some(disk) = &disk else { return Ok(None) };
                 disk.lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .flush()
+                    .seal(generation)
                     .map_err(|e| snapshot::SnapshotError::Io {
-                        what: "flush the disk overlay",
+                        what: "seal the disk writes of",
                         path: dir.join("disk"),
                         source: std::io::Error::other(e),
                     })
             };
-            let written = snapshot::write(&dir, &record, &state, machine.memory(), how, flush);
+            let written = snapshot::write(&dir, &record, &state, machine.memory(), how, seal);
             match written {
                 Ok((manifest, stats)) => {
                     log::debug!(
@@ -754,27 +773,18 @@ impl Sandbox<Paused> {
         running.inner.delete_on_drop = true;
         match running.wait_for_agent(RESUME_TIMEOUT).await {
             Ok(()) => Ok(running),
-            // The guest ran (and may have written to its disk), so the old
-            // snapshot no longer matches: pause it again, as it is now.
-            Err(error) => match running.pause().await {
-                Ok(paused) => Err(ResumeError {
-                    sandbox: Some(paused),
-                    error,
-                }),
-                Err(again) => {
-                    log::error!("the resumed sandbox neither answered nor paused again: {again}");
-                    Err(ResumeError {
-                        sandbox: None,
-                        error,
-                    })
-                }
-            },
+            // Stop the guest and forget what it did since the restore: the
+            // snapshot (disk included) is still the one it was resumed from.
+            Err(error) => Err(ResumeError {
+                sandbox: Some(running.back_to_snapshot().await),
+                error,
+            }),
         }
     }
 
-    /// Builds the machine from the snapshot; the manifest is removed once
-    /// the guest may run (its disk writes would no longer match the
-    /// snapshot) and put back if the restore fails.
+    /// Builds the machine from the snapshot. The snapshot stays as it is
+    /// while the guest runs (its disk writes go to a pending layer, see
+    /// [`crate::disk`]), so a crash of this process leaves it resumable.
     async fn restore(&mut self) -> Result<()> {
         let dir = self.inner.dir.clone();
         let rootfs = self.inner.rootfs.clone();
@@ -803,7 +813,7 @@ impl Sandbox<Paused> {
                     }
                 })?;
             }
-            let disk = CowDisk::open(&rootfs, &dir.join("disk"))?;
+            let disk = CowDisk::open(&rootfs, &dir.join("disk"), manifest.disk_layer)?;
             let block = Block::new(disk, false).map_err(|e| Error::InvalidConfig(e.to_string()))?;
             let disk = block.disk();
             let (vsock, connector) =
@@ -811,12 +821,6 @@ impl Sandbox<Paused> {
             // The guest's connections refer to host ends that are gone.
             vsock.send_transport_reset();
             let devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(block), Box::new(vsock)];
-            let manifest_path = dir.join(snapshot::MANIFEST);
-            let parked = dir.join(format!("{}.resumed", snapshot::MANIFEST));
-            std::fs::rename(&manifest_path, &parked).map_err(Error::io(format!(
-                "cannot retire {}",
-                manifest_path.display()
-            )))?;
             let machine = Machine::restore(
                 RestoreConfig {
                     kvm_path,
@@ -826,19 +830,7 @@ impl Sandbox<Paused> {
                 },
                 &state,
             );
-            match machine {
-                Ok(machine) => {
-                    let _ = std::fs::remove_file(&parked);
-                    Ok((machine, connector, disk, manifest))
-                }
-                Err(e) => {
-                    // Nothing ran: the snapshot is still whole.
-                    if let Err(undo) = std::fs::rename(&parked, &manifest_path) {
-                        log::error!("cannot put back {}: {undo}", manifest_path.display());
-                    }
-                    Err(Error::from(e))
-                }
-            }
+            Ok((machine?, connector, disk, manifest))
         })
         .await
         .map_err(|e| join_error("resume", e))??;

@@ -82,6 +82,31 @@ async fn check_state(sbx: &Sandbox<Running>, pid: &str, at_least: u64, booted: I
     n
 }
 
+/// GETs `/hello.txt` through the forward at `addr` until the guest's server
+/// answers (it may still be starting, or clients may have to reconnect after
+/// a resume), for at most [`COMMAND_LIMIT`].
+async fn http_get_hello(addr: std::net::SocketAddr, when: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    loop {
+        let mut resp = Vec::new();
+        if let Ok(mut conn) = tokio::net::TcpStream::connect(addr).await {
+            let _ = conn.write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n").await;
+            let _ = conn.read_to_end(&mut resp).await;
+        }
+        let resp = String::from_utf8_lossy(&resp);
+        if resp.starts_with("HTTP/1.0 200") {
+            assert!(resp.ends_with("hello from the guest\n"), "{resp}");
+            return;
+        }
+        assert!(
+            start.elapsed() < COMMAND_LIMIT,
+            "{when}: the guest's HTTP server never answered: {resp:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn memory_file(dir: &Path) -> std::path::PathBuf {
     std::fs::read_dir(dir)
         .unwrap()
@@ -127,6 +152,21 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     let pid = pid.trim().to_owned();
     let mut seen = check_state(&sbx, &pid, 1, booted).await;
 
+    // A Python variable and an HTTP server, reached through a port forward.
+    let run_x = sbx.run_code("x = 42").await.expect("run_code");
+    assert!(run_x.error.is_none(), "{run_x:?}");
+    sbx.files()
+        .write("/srv/www/hello.txt", "hello from the guest\n")
+        .await
+        .unwrap();
+    let server = sbx
+        .commands()
+        .spawn(Command::shell("exec python3 -m http.server 8000 --bind 127.0.0.1").cwd("/srv/www"))
+        .await
+        .unwrap();
+    let fwd = sbx.ports().expose(8000).await.unwrap();
+    http_get_hello(fwd.local_addr(), "before the first pause").await;
+
     // Pause and resume in this process, 20 times in a row (past the
     // number of memory layers a snapshot keeps before writing a new base).
     let mut sbx = sbx;
@@ -152,7 +192,21 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
             t.elapsed()
         );
         seen = check_state(&sbx, &pid, seen, booted).await;
+        if round % 5 == 4 {
+            let out = sbx.run_code("print(x)").await.expect("run_code");
+            assert_eq!(out.stdout, "42\n", "round {round}: {out:?}");
+            http_get_hello(fwd.local_addr(), "after a resume").await;
+        }
     }
+    assert!(
+        sbx.commands()
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.pid == server.pid()),
+        "the HTTP server kept running"
+    );
 
     // Pause, drop the handle, resume in another process, which pauses it
     // again; then resume here.
@@ -263,4 +317,118 @@ async fn child_resumes_by_id() {
     assert_eq!(out, "memory 42\n");
     let paused = sbx.pause().await.expect("child: pause");
     drop(paused);
+}
+
+/// Set in the child processes of the crash test: the sandbox, the state
+/// directory and the value the child writes.
+const CRASH_ID_ENV: &str = "DORMOUSE_TEST_CRASH_SANDBOX";
+const CRASH_DIR_ENV: &str = "DORMOUSE_TEST_CRASH_STATE";
+const CRASH_VALUE_ENV: &str = "DORMOUSE_TEST_CRASH_VALUE";
+
+/// What the guest says its generation is: in memory (tmpfs) and on the
+/// disk, read back from the disk itself (page cache dropped). The two must
+/// always agree: a snapshot's memory with another snapshot's disk is the
+/// "mix" a crash must never leave.
+async fn generations(sbx: &Sandbox<Running>) -> (String, String) {
+    let out = run(
+        sbx,
+        "cat /tmp/gen; sync; echo 3 > /proc/sys/vm/drop_caches; cat /root/gen",
+    )
+    .await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    (lines[0].to_owned(), lines[1].to_owned())
+}
+
+/// Kills the process (SIGKILL, through the `fault-injection` crash points)
+/// at every step of a pause, and once while a resume applies the disk's
+/// layer; after each crash the sandbox resumes, with the memory and disk of
+/// one and the same snapshot: the old one up to the manifest's switch, the
+/// new one from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_any_point_of_a_pause_loses_nothing() {
+    if std::env::var_os(CRASH_ID_ENV).is_some() || std::env::var_os(CHILD_ID_ENV).is_some() {
+        return; // a child of a test here
+    }
+    let state = tempfile::tempdir().unwrap();
+    let Some(rt) = runtime(state.path()).await else {
+        return;
+    };
+    let sbx = rt
+        .create(TEMPLATE, SandboxConfig::default())
+        .await
+        .expect("create");
+    let id = sbx.id().to_string();
+    run(&sbx, "echo 0 > /tmp/gen; echo 0 > /root/gen; sync").await;
+    drop(sbx.pause().await.expect("pause"));
+
+    let mut current = "0".to_owned();
+    for (round, point) in dormouse::fault::POINTS.iter().enumerate() {
+        let value = (round + 1).to_string();
+        let status = Process::new(std::env::current_exe().unwrap())
+            .args(["crash_child", "--exact", "--nocapture"])
+            .env(CRASH_ID_ENV, &id)
+            .env(CRASH_DIR_ENV, state.path())
+            .env(CRASH_VALUE_ENV, &value)
+            .env(dormouse::fault::CRASH_AT_ENV, point)
+            .status()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "the child did not crash at {point}: {status}"
+        );
+
+        let t = Instant::now();
+        let sbx = rt
+            .connect(&id)
+            .await
+            .unwrap_or_else(|e| panic!("resume after a crash at {point}: {e}"));
+        let (memory, disk) = generations(&sbx).await;
+        eprintln!(
+            "crash at {point}: resumed in {:.2?}, generation {memory} (disk {disk})",
+            t.elapsed()
+        );
+        assert_eq!(
+            memory, disk,
+            "memory and disk of different snapshots after a crash at {point}"
+        );
+        let committed = dormouse::fault::POINTS
+            .iter()
+            .position(|p| *p == "pause:committed")
+            .unwrap();
+        let expected = if round >= committed && point.starts_with("pause:") {
+            &value
+        } else {
+            &current
+        };
+        assert_eq!(&memory, expected, "after a crash at {point}");
+        current = memory;
+        // A disk write of ours, so the next resume has a layer to apply.
+        run(&sbx, "date > /root/touched; sync").await;
+        drop(sbx.pause().await.expect("pause"));
+    }
+    rt.kill(&id).await.expect("kill");
+}
+
+/// Run only as a child process of the crash test: resumes, writes its value
+/// to memory and disk, pauses (and is killed on the way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child() {
+    let (Some(id), Some(state), Some(value)) = (
+        std::env::var_os(CRASH_ID_ENV),
+        std::env::var_os(CRASH_DIR_ENV),
+        std::env::var(CRASH_VALUE_ENV).ok(),
+    ) else {
+        return; // not the child
+    };
+    let rt = dormouse::Runtime::open(state).await.unwrap();
+    let sbx = rt.connect(id.to_str().unwrap()).await.expect("connect");
+    run(
+        &sbx,
+        &format!("echo {value} > /tmp/gen; echo {value} > /root/gen; sync"),
+    )
+    .await;
+    drop(sbx.pause().await.expect("child: pause"));
 }

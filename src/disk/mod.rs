@@ -2,26 +2,35 @@
 //!
 //! A [`CowDisk`] combines a *base* image, shared by every sandbox made from a
 //! template and never written (it is opened read-only), with a per-sandbox
-//! *overlay* that holds only the blocks the guest wrote. The overlay is two
-//! files:
+//! *overlay* that holds only the blocks the guest wrote, as of the sandbox's
+//! last snapshot. The overlay is two files:
 //!
 //! - the **data file** (the path given to [`CowDisk::create`]): a sparse file
 //!   as large as the disk; block `i` of the disk, once written, lives at byte
 //!   `i * BLOCK_SIZE` of it. Blocks never written are holes and take no space.
 //! - the **metadata file** (the same path with `.meta` appended): magic,
 //!   version, block size, disk size, an allocation bitmap with one bit per
-//!   block, and a CRC-32. It is replaced atomically by [`CowDisk::flush`].
+//!   block, and a CRC-32. It is replaced atomically.
 //!
-//! Writes go to the data file at once; the bitmap is persisted only by
-//! `flush`. After a crash the disk therefore reads as it was at the last
-//! flush, except that blocks already recorded may hold newer data, which is
-//! what a real disk with a volatile write cache does. The copy-on-write unit
-//! is [`BLOCK_SIZE`] bytes: a write that covers a block only partly first
-//! copies that block from the base.
+//! What the guest writes while it runs never touches the overlay: it goes to
+//! a *pending layer* (`<overlay>.pending`, a sparse file like the data file,
+//! with its bitmap in memory), so the overlay always stays exactly the disk
+//! of the last snapshot, whatever happens to the process. A pause seals the
+//! layer for its snapshot generation ([`CowDisk::seal`]: data fsynced and
+//! renamed to `<overlay>.layer-<generation>`, bitmap written atomically to
+//! `<overlay>.layer-<generation>.meta`); the snapshot's manifest then names
+//! the sealed layer ([`SealedLayer`]) and its switch is what commits it. The
+//! next [`CowDisk::open`] of that snapshot copies the sealed layer into the
+//! overlay, records that in `<overlay>.merged` and deletes the layer, and
+//! drops any layer no snapshot committed: a crash at any moment leaves the
+//! disk of the previous snapshot or of the new one, never a mix. The
+//! copy-on-write unit is [`BLOCK_SIZE`] bytes: a write that covers a block
+//! only partly first copies that block from below.
 
 mod meta;
 
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -106,6 +115,27 @@ impl DiskError {
     }
 }
 
+/// The disk writes of one snapshot, sealed by [`CowDisk::seal`]: what the
+/// snapshot's manifest records so that [`CowDisk::open`] can apply them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SealedLayer {
+    /// The snapshot generation the layer was sealed for (part of its name).
+    pub generation: u64,
+    /// CRC-32 of the layer's metadata file.
+    pub meta_crc32: u32,
+}
+
+/// Writes since the disk was opened (or created): a sparse file as large as
+/// the disk and the bitmap of the blocks it holds.
+#[derive(Debug)]
+struct Pending {
+    file: File,
+    path: PathBuf,
+    bitmap: Vec<u8>,
+    /// Written since its last fsync.
+    dirty: bool,
+}
+
 /// A disk image made of a read-only base and a private copy-on-write overlay.
 ///
 /// Dropping a `CowDisk` does not flush it: writes since the last
@@ -121,10 +151,8 @@ pub struct CowDisk {
     size: u64,
     /// One bit per block: set = the block's content is in the overlay.
     bitmap: Vec<u8>,
-    /// The data file was written since its last fsync.
-    data_dirty: bool,
-    /// The bitmap changed since it was last persisted.
-    bitmap_dirty: bool,
+    /// The guest's writes since the last snapshot; created at the first.
+    pending: Option<Pending>,
 }
 
 impl CowDisk {
@@ -161,7 +189,7 @@ impl CowDisk {
         data.set_len(size)
             .map_err(|source| cleanup(DiskError::io("resize", overlay, source)))?;
         let bitmap = vec![0u8; meta::bitmap_len(size, BLOCK_SIZE) as usize];
-        let mut disk = Self {
+        let disk = Self {
             base: base_file,
             base_path: base.to_path_buf(),
             data,
@@ -169,16 +197,24 @@ impl CowDisk {
             meta_path: meta_path.clone(),
             size,
             bitmap,
-            data_dirty: true,
-            bitmap_dirty: true,
+            pending: None,
         };
-        disk.flush().map_err(cleanup)?;
+        disk.commit_overlay().map_err(cleanup)?;
+        disk.discard_layers().map_err(cleanup)?;
         Ok(disk)
     }
 
     /// Reopens an overlay made by [`create`](Self::create) over the same
-    /// base image, validating its metadata against the base.
-    pub fn open(base: &Path, overlay: &Path) -> Result<Self, DiskError> {
+    /// base image, validating its metadata against the base, as the disk of
+    /// the snapshot that committed `sealed` (`None`: of the overlay alone):
+    /// that layer is applied if it was not yet, every other layer dropped.
+    /// A committed layer that is missing or damaged is
+    /// [`DiskError::CorruptOverlay`].
+    pub fn open(
+        base: &Path,
+        overlay: &Path,
+        sealed: Option<SealedLayer>,
+    ) -> Result<Self, DiskError> {
         let (base_file, size) = open_base(base)?;
         let meta_path = meta_path(overlay);
         // A temporary file left by a flush that crashed before its rename.
@@ -217,7 +253,7 @@ impl CowDisk {
                 reason: format!("data file is {data_len} bytes, the disk is {size}"),
             });
         }
-        Ok(Self {
+        let mut disk = Self {
             base: base_file,
             base_path: base.to_path_buf(),
             data,
@@ -225,9 +261,15 @@ impl CowDisk {
             meta_path,
             size,
             bitmap: meta.bitmap,
-            data_dirty: false,
-            bitmap_dirty: false,
-        })
+            pending: None,
+        };
+        if let Some(sealed) = sealed {
+            if disk.merged_generation()? != Some(sealed.generation) {
+                disk.merge(sealed)?;
+            }
+        }
+        disk.discard_layers()?;
+        Ok(disk)
     }
 
     /// The disk's size in bytes (the base image's size).
@@ -245,9 +287,16 @@ impl CowDisk {
         vec![self.data_path.clone(), self.meta_path.clone()]
     }
 
-    /// How many blocks of [`BLOCK_SIZE`] bytes the overlay holds.
+    /// How many blocks of [`BLOCK_SIZE`] bytes the overlay and the pending
+    /// layer hold.
     pub fn allocated_blocks(&self) -> u64 {
-        self.bitmap.iter().map(|b| u64::from(b.count_ones())).sum()
+        let count = |bitmap: &[u8]| {
+            bitmap
+                .iter()
+                .map(|b| u64::from(b.count_ones()))
+                .sum::<u64>()
+        };
+        count(&self.bitmap) + self.pending.as_ref().map_or(0, |p| count(&p.bitmap))
     }
 
     /// Fills `buf` with the disk's bytes starting at `offset`.
@@ -256,17 +305,17 @@ impl CowDisk {
         let mut pos = offset;
         while pos < end {
             // The longest run of blocks, from `pos`, that all come from the same file.
-            let in_overlay = self.is_allocated(pos / BLOCK_SIZE);
+            let source = self.source(pos / BLOCK_SIZE);
             let mut run_end = ((pos / BLOCK_SIZE) + 1) * BLOCK_SIZE;
-            while run_end < end && self.is_allocated(run_end / BLOCK_SIZE) == in_overlay {
+            while run_end < end && self.source(run_end / BLOCK_SIZE) == source {
                 run_end += BLOCK_SIZE;
             }
             let run_end = run_end.min(end);
             let chunk = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
-            let (file, path) = if in_overlay {
-                (&self.data, &self.data_path)
-            } else {
-                (&self.base, &self.base_path)
+            let (file, path) = match (source, &self.pending) {
+                (Source::Pending, Some(p)) => (&p.file, &p.path),
+                (Source::Overlay, _) => (&self.data, &self.data_path),
+                _ => (&self.base, &self.base_path),
             };
             file.read_exact_at(chunk, pos)
                 .map_err(|source| DiskError::io("read", path, source))?;
@@ -275,71 +324,248 @@ impl CowDisk {
         Ok(())
     }
 
-    /// Writes `buf` to the disk at `offset` (into the overlay only).
+    /// Writes `buf` to the disk at `offset` (into the pending layer: the
+    /// overlay stays the last snapshot's disk).
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
         let end = self.check_range(offset, buf.len())?;
+        self.pending()?;
         let mut pos = offset;
         while pos < end {
             let block = pos / BLOCK_SIZE;
             let (block_start, block_end) = self.block_bounds(block);
             let chunk_end = end.min(block_end);
             let partial = pos > block_start || chunk_end < block_end;
-            if partial && !self.is_allocated(block) {
-                // Copy the block up from the base, merge the new bytes, write it whole.
+            if partial && self.source(block) != Source::Pending {
+                // Copy the block up from below, merge the new bytes, write it whole.
                 let mut tmp = vec![0u8; (block_end - block_start) as usize];
-                self.base
-                    .read_exact_at(&mut tmp, block_start)
-                    .map_err(|source| DiskError::io("read", &self.base_path, source))?;
+                self.read_at(&mut tmp, block_start)?;
                 tmp[(pos - block_start) as usize..(chunk_end - block_start) as usize]
                     .copy_from_slice(&buf[(pos - offset) as usize..(chunk_end - offset) as usize]);
-                self.write_data(&tmp, block_start)?;
-                self.set_allocated(block);
+                self.write_pending(&tmp, block_start)?;
                 pos = chunk_end;
                 continue;
             }
             // Extend over following blocks that can be written in place: those
-            // already in the overlay or covered whole by this write.
+            // already pending or covered whole by this write.
             let mut run_end = chunk_end;
             while run_end < end {
                 let (next_start, next_end) = self.block_bounds(run_end / BLOCK_SIZE);
                 debug_assert_eq!(next_start, run_end);
                 let next_chunk_end = end.min(next_end);
-                if next_chunk_end == next_end || self.is_allocated(run_end / BLOCK_SIZE) {
+                if next_chunk_end == next_end
+                    || self.source(run_end / BLOCK_SIZE) == Source::Pending
+                {
                     run_end = next_chunk_end;
                 } else {
                     break;
                 }
             }
-            self.write_data(
+            self.write_pending(
                 &buf[(pos - offset) as usize..(run_end - offset) as usize],
                 pos,
             )?;
-            for b in block..=(run_end - 1) / BLOCK_SIZE {
-                self.set_allocated(b);
-            }
             pos = run_end;
         }
         Ok(())
     }
 
-    /// Makes every completed write durable: fsyncs the data file, then
-    /// replaces the metadata file atomically (temporary file, fsync, rename,
-    /// fsync of the directory). Does nothing if nothing changed.
+    /// Makes every completed write durable in the pending layer (a guest's
+    /// flush request). What survives a crash is decided by snapshots, not
+    /// by this: see [`seal`](Self::seal).
     pub fn flush(&mut self) -> Result<(), DiskError> {
-        if self.data_dirty {
-            self.data
-                .sync_data()
-                .map_err(|source| DiskError::io("fsync", &self.data_path, source))?;
-            self.data_dirty = false;
+        match &mut self.pending {
+            Some(p) if p.dirty => {
+                p.file
+                    .sync_data()
+                    .map_err(|source| DiskError::io("fsync", &p.path, source))?;
+                p.dirty = false;
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        if self.bitmap_dirty {
-            let meta = Meta {
-                block_size: BLOCK_SIZE as u32,
-                disk_size: self.size,
-                bitmap: self.bitmap.clone(),
-            };
-            meta.write_atomic(&self.meta_path)?;
-            self.bitmap_dirty = false;
+    }
+
+    /// Seals the writes since the last snapshot as the disk layer of
+    /// snapshot `generation` and makes it durable; the snapshot commits it
+    /// by naming the returned [`SealedLayer`] in its manifest. `None` when
+    /// nothing was written. The disk stays usable: if the snapshot is not
+    /// committed after all, later writes join the same layer.
+    pub fn seal(&mut self, generation: u64) -> Result<Option<SealedLayer>, DiskError> {
+        self.flush()?;
+        let size = self.size;
+        let data_path = self.data_path.clone();
+        let Some(p) = &mut self.pending else {
+            return Ok(None);
+        };
+        let path = layer_path(&data_path, generation);
+        if p.path != path {
+            std::fs::rename(&p.path, &path)
+                .map_err(|source| DiskError::io("rename", &p.path, source))?;
+            p.path = path.clone();
+        }
+        let meta = Meta {
+            block_size: BLOCK_SIZE as u32,
+            disk_size: size,
+            bitmap: p.bitmap.clone(),
+        };
+        // Also makes the data file's rename durable (fsync of the directory).
+        meta.write_atomic(&meta_path(&path))?;
+        Ok(Some(SealedLayer {
+            generation,
+            meta_crc32: crc32(&meta.encode()),
+        }))
+    }
+
+    /// Which file holds `block` now.
+    fn source(&self, block: u64) -> Source {
+        if self.pending.as_ref().is_some_and(|p| bit(&p.bitmap, block)) {
+            Source::Pending
+        } else if bit(&self.bitmap, block) {
+            Source::Overlay
+        } else {
+            Source::Base
+        }
+    }
+
+    /// The pending layer, created (empty) at the first write.
+    fn pending(&mut self) -> Result<&mut Pending, DiskError> {
+        if self.pending.is_none() {
+            let path = pending_path(&self.data_path);
+            let _ = std::fs::remove_file(&path);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|source| DiskError::io("create", &path, source))?;
+            file.set_len(self.size)
+                .map_err(|source| DiskError::io("resize", &path, source))?;
+            self.pending = Some(Pending {
+                file,
+                path,
+                bitmap: vec![0u8; self.bitmap.len()],
+                dirty: false,
+            });
+        }
+        Ok(self.pending.as_mut().expect("just created"))
+    }
+
+    /// Writes whole blocks (or the disk's short last block) at `offset` into
+    /// the pending layer and marks them.
+    fn write_pending(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        let p = self.pending()?;
+        p.dirty = true;
+        p.file
+            .write_all_at(buf, offset)
+            .map_err(|source| DiskError::io("write", &p.path, source))?;
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + buf.len() as u64 - 1) / BLOCK_SIZE;
+        for block in first..=last {
+            set_bit(&mut p.bitmap, block);
+        }
+        Ok(())
+    }
+
+    /// fsyncs the overlay's data file, then replaces its metadata file.
+    fn commit_overlay(&self) -> Result<(), DiskError> {
+        self.data
+            .sync_data()
+            .map_err(|source| DiskError::io("fsync", &self.data_path, source))?;
+        Meta {
+            block_size: BLOCK_SIZE as u32,
+            disk_size: self.size,
+            bitmap: self.bitmap.clone(),
+        }
+        .write_atomic(&self.meta_path)
+    }
+
+    /// The generation whose layer was last merged into the overlay.
+    fn merged_generation(&self) -> Result<Option<u64>, DiskError> {
+        let path = merged_path(&self.data_path);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| DiskError::CorruptOverlay {
+                    path,
+                    reason: format!("{text:?} is not a generation number"),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(DiskError::io("read", &path, source)),
+        }
+    }
+
+    /// Copies the sealed layer into the overlay, durably, and records that
+    /// it was (a crash halfway repeats the copy at the next open).
+    fn merge(&mut self, sealed: SealedLayer) -> Result<(), DiskError> {
+        let path = layer_path(&self.data_path, sealed.generation);
+        let meta_path = meta_path(&path);
+        let damaged = |reason: String| DiskError::CorruptOverlay {
+            path: meta_path.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(&meta_path).map_err(|e| {
+            damaged(format!(
+                "the disk writes of snapshot generation {} cannot be read: {e}",
+                sealed.generation
+            ))
+        })?;
+        if crc32(&bytes) != sealed.meta_crc32 {
+            return Err(damaged(format!(
+                "not the disk layer snapshot generation {} committed (CRC-32 mismatch)",
+                sealed.generation
+            )));
+        }
+        let meta = Meta::decode(&bytes, &meta_path)?;
+        if u64::from(meta.block_size) != BLOCK_SIZE || meta.disk_size != self.size {
+            return Err(damaged(format!(
+                "a layer of {}-byte blocks for a {}-byte disk; this disk has {BLOCK_SIZE} and {}",
+                meta.block_size, meta.disk_size, self.size
+            )));
+        }
+        let layer = File::open(&path).map_err(|source| DiskError::io("open", &path, source))?;
+        let mut block = vec![0u8; BLOCK_SIZE as usize];
+        let blocks = self.size.div_ceil(BLOCK_SIZE);
+        for b in (0..blocks).filter(|&b| bit(&meta.bitmap, b)) {
+            let (start, end) = self.block_bounds(b);
+            let buf = &mut block[..(end - start) as usize];
+            layer
+                .read_exact_at(buf, start)
+                .map_err(|source| DiskError::io("read", &path, source))?;
+            self.data
+                .write_all_at(buf, start)
+                .map_err(|source| DiskError::io("write", &self.data_path, source))?;
+            set_bit(&mut self.bitmap, b);
+        }
+        self.commit_overlay()?;
+        crate::fault::crash_point("resume:disk-merged");
+        write_atomic(
+            &merged_path(&self.data_path),
+            sealed.generation.to_string().as_bytes(),
+        )
+    }
+
+    /// Deletes the pending and sealed layer files next to the overlay.
+    fn discard_layers(&self) -> Result<(), DiskError> {
+        let dir = match self.data_path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let Some(name) = self.data_path.file_name().and_then(|n| n.to_str()) else {
+            return Ok(());
+        };
+        let pending = format!("{name}.pending");
+        let layer = format!("{name}.layer-");
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| DiskError::io("list", dir, source))?;
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            let Some(file) = file.to_str() else { continue };
+            if file == pending || file.starts_with(&layer) {
+                std::fs::remove_file(entry.path())
+                    .map_err(|source| DiskError::io("delete", &entry.path(), source))?;
+            }
         }
         Ok(())
     }
@@ -362,36 +588,71 @@ impl CowDisk {
         let start = block * BLOCK_SIZE;
         (start, (start + BLOCK_SIZE).min(self.size))
     }
+}
 
-    fn is_allocated(&self, block: u64) -> bool {
-        self.bitmap
-            .get((block / 8) as usize)
-            .is_some_and(|byte| byte & (1 << (block % 8)) != 0)
-    }
+/// Where a block's current content is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Pending,
+    Overlay,
+    Base,
+}
 
-    fn set_allocated(&mut self, block: u64) {
-        if let Some(byte) = self.bitmap.get_mut((block / 8) as usize) {
-            let bit = 1 << (block % 8);
-            if *byte & bit == 0 {
-                *byte |= bit;
-                self.bitmap_dirty = true;
-            }
-        }
-    }
+fn bit(bitmap: &[u8], block: u64) -> bool {
+    bitmap
+        .get((block / 8) as usize)
+        .is_some_and(|byte| byte & (1 << (block % 8)) != 0)
+}
 
-    fn write_data(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
-        self.data_dirty = true;
-        self.data
-            .write_all_at(buf, offset)
-            .map_err(|source| DiskError::io("write", &self.data_path, source))
+fn set_bit(bitmap: &mut [u8], block: u64) {
+    if let Some(byte) = bitmap.get_mut((block / 8) as usize) {
+        *byte |= 1 << (block % 8);
     }
 }
 
-/// The metadata file of the overlay whose data file is `overlay`.
-fn meta_path(overlay: &Path) -> PathBuf {
-    let mut name = overlay.as_os_str().to_owned();
-    name.push(".meta");
+/// The pending layer's data file of the overlay `overlay`.
+fn pending_path(overlay: &Path) -> PathBuf {
+    suffixed(overlay, ".pending")
+}
+
+/// The data file of the layer sealed for snapshot `generation`.
+fn layer_path(overlay: &Path, generation: u64) -> PathBuf {
+    suffixed(overlay, &format!(".layer-{generation}"))
+}
+
+/// The file naming the generation whose layer the overlay holds.
+fn merged_path(overlay: &Path) -> PathBuf {
+    suffixed(overlay, ".merged")
+}
+
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
     PathBuf::from(name)
+}
+
+/// Replaces `path` with `bytes` atomically and durably.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DiskError> {
+    let tmp = meta::temp_path(path);
+    let written = (|| {
+        let mut file =
+            File::create(&tmp).map_err(|source| DiskError::io("create", &tmp, source))?;
+        file.write_all(bytes)
+            .map_err(|source| DiskError::io("write", &tmp, source))?;
+        file.sync_all()
+            .map_err(|source| DiskError::io("fsync", &tmp, source))?;
+        std::fs::rename(&tmp, path).map_err(|source| DiskError::io("rename over", path, source))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    meta::sync_parent_dir(path)
+}
+
+/// The metadata file of the overlay (or layer) whose data file is `overlay`.
+fn meta_path(overlay: &Path) -> PathBuf {
+    suffixed(overlay, ".meta")
 }
 
 /// Opens the base image read-only and returns it with its size.

@@ -104,19 +104,22 @@ fn partial_block_writes_keep_the_rest_of_the_block() {
 }
 
 #[test]
-fn flush_and_reopen_keeps_the_data() {
+fn sealed_writes_are_applied_by_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
     let base = make_base(dir.path(), 1 << 20);
     let overlay = dir.path().join("o");
     let mut disk = CowDisk::create(&base, &overlay).unwrap();
     disk.write_at(&[0x5a; 5000], 40_000).unwrap();
-    disk.flush().unwrap();
+    let sealed = disk.seal(3).unwrap().expect("a layer");
+    assert_eq!(sealed.generation, 3);
     let files = disk.files();
     drop(disk);
     assert!(files.iter().all(|f| f.exists()), "{files:?}");
     assert!(!meta::temp_path(&files[1]).exists());
+    assert!(dir.path().join("o.layer-3").exists());
 
-    let disk = CowDisk::open(&base, &overlay).unwrap();
+    let disk = CowDisk::open(&base, &overlay, Some(sealed)).unwrap();
+    assert!(!dir.path().join("o.layer-3").exists(), "merged and deleted");
     assert_eq!(read(&disk, 40_000, 5000), vec![0x5a; 5000]);
     assert_eq!(read(&disk, 0, 40_000), pattern(0, 40_000));
     assert_eq!(read(&disk, 45_000, 1000), pattern(45_000, 1000));
@@ -124,19 +127,104 @@ fn flush_and_reopen_keeps_the_data() {
 }
 
 #[test]
-fn writes_after_the_last_flush_are_not_recorded() {
+fn writes_no_snapshot_committed_are_dropped_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let base = make_base(dir.path(), 64 * 1024);
     let overlay = dir.path().join("o");
     let mut disk = CowDisk::create(&base, &overlay).unwrap();
     disk.write_at(&[1; 4096], 0).unwrap();
-    disk.flush().unwrap();
+    let first = disk.seal(1).unwrap();
+    drop(disk);
+    let mut disk = CowDisk::open(&base, &overlay, first).unwrap();
+    // Written after snapshot 1; the guest even flushed them.
     disk.write_at(&[2; 4096], 4096).unwrap();
-    drop(disk); // no flush
+    disk.write_at(&[2; 100], 10).unwrap();
+    disk.flush().unwrap();
+    assert_eq!(read(&disk, 0, 10), vec![1; 10]);
+    assert_eq!(read(&disk, 10, 100), vec![2; 100]);
+    drop(disk); // a crash before the next snapshot
 
-    let disk = CowDisk::open(&base, &overlay).unwrap();
-    assert_eq!(read(&disk, 0, 4096), vec![1; 4096]);
-    assert_eq!(read(&disk, 4096, 4096), pattern(4096, 4096));
+    for _ in 0..2 {
+        let disk = CowDisk::open(&base, &overlay, first).unwrap();
+        assert_eq!(read(&disk, 0, 4096), vec![1; 4096]);
+        assert_eq!(read(&disk, 4096, 4096), pattern(4096, 4096));
+    }
+
+    // Sealed for snapshot 2, but its manifest never switched: still 1.
+    let mut disk = CowDisk::open(&base, &overlay, first).unwrap();
+    disk.write_at(&[3; 4096], 8192).unwrap();
+    let second = disk.seal(2).unwrap();
+    assert!(second.is_some());
+    drop(disk);
+    let disk = CowDisk::open(&base, &overlay, first).unwrap();
+    assert_eq!(read(&disk, 8192, 4096), pattern(8192, 4096));
+    assert!(!dir.path().join("o.layer-2").exists());
+    assert!(!dir.path().join("o.layer-2.meta").exists());
+}
+
+#[test]
+fn a_crash_while_applying_a_layer_is_repaired_by_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = make_base(dir.path(), 64 * 1024);
+    let overlay = dir.path().join("o");
+    let mut disk = CowDisk::create(&base, &overlay).unwrap();
+    disk.write_at(&[7; 6000], 1000).unwrap();
+    let sealed = disk.seal(5).unwrap();
+    drop(disk);
+    let saved: Vec<(std::path::PathBuf, Vec<u8>)> = ["o.layer-5", "o.layer-5.meta"]
+        .iter()
+        .map(|n| dir.path().join(n))
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    let expected = {
+        let disk = CowDisk::open(&base, &overlay, sealed).unwrap();
+        read(&disk, 0, 64 * 1024)
+    };
+    assert_eq!(expected[1000..7000], [7; 6000]);
+    // As if the copy had been cut off before it was recorded: the layer is
+    // still there and the overlay may hold part of it.
+    for (path, bytes) in &saved {
+        std::fs::write(path, bytes).unwrap();
+    }
+    std::fs::remove_file(dir.path().join("o.merged")).unwrap();
+    let disk = CowDisk::open(&base, &overlay, sealed).unwrap();
+    assert_eq!(read(&disk, 0, 64 * 1024), expected);
+    drop(disk);
+    // Recorded, but the layer's files were not deleted yet.
+    for (path, bytes) in &saved {
+        std::fs::write(path, bytes).unwrap();
+    }
+    let disk = CowDisk::open(&base, &overlay, sealed).unwrap();
+    assert_eq!(read(&disk, 0, 64 * 1024), expected);
+    assert!(!saved[0].0.exists());
+}
+
+#[test]
+fn a_committed_layer_that_is_missing_or_damaged_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = make_base(dir.path(), 64 * 1024);
+    let overlay = dir.path().join("o");
+    let mut disk = CowDisk::create(&base, &overlay).unwrap();
+    disk.write_at(&[9; 4096], 0).unwrap();
+    let sealed = disk.seal(2).unwrap();
+    drop(disk);
+    let meta = dir.path().join("o.layer-2.meta");
+    let good = std::fs::read(&meta).unwrap();
+    let mut bad = good.clone();
+    bad[32] ^= 1; // the first bitmap byte
+    std::fs::write(&meta, &bad).unwrap();
+    let err = CowDisk::open(&base, &overlay, sealed).unwrap_err();
+    assert!(
+        matches!(&err, DiskError::CorruptOverlay { path, .. } if path == &meta),
+        "{err}"
+    );
+    std::fs::remove_file(&meta).unwrap();
+    let err = CowDisk::open(&base, &overlay, sealed).unwrap_err();
+    assert!(matches!(err, DiskError::CorruptOverlay { .. }), "{err}");
+    // Nothing was lost by the failed opens.
+    std::fs::write(&meta, &good).unwrap();
+    let disk = CowDisk::open(&base, &overlay, sealed).unwrap();
+    assert_eq!(read(&disk, 0, 4096), vec![9; 4096]);
 }
 
 #[test]
@@ -149,7 +237,9 @@ fn the_overlay_is_sparse() {
     let overlay = dir.path().join("o");
     let mut disk = CowDisk::create(&base, &overlay).unwrap();
     disk.write_at(&[1; 4096], 100 << 20).unwrap();
-    disk.flush().unwrap();
+    let sealed = disk.seal(1).unwrap();
+    drop(disk);
+    let disk = CowDisk::open(&base, &overlay, sealed).unwrap();
     let used = std::fs::metadata(&overlay).unwrap().blocks() * 512;
     assert!(used <= 1 << 20, "overlay uses {used} bytes for one block");
     // 65536 blocks -> 8 KiB of bitmap.
@@ -199,7 +289,7 @@ fn create_refuses_to_overwrite_an_overlay() {
     let err = CowDisk::create(&base, &overlay).unwrap_err();
     assert!(matches!(err, DiskError::OverlayExists { .. }), "{err}");
     // The failed create left the existing overlay intact.
-    CowDisk::open(&base, &overlay).unwrap();
+    CowDisk::open(&base, &overlay, None).unwrap();
 }
 
 #[test]
@@ -208,10 +298,10 @@ fn an_overlay_is_used_by_one_disk_at_a_time() {
     let base = make_base(dir.path(), 8192);
     let overlay = dir.path().join("o");
     let disk = CowDisk::create(&base, &overlay).unwrap();
-    let err = CowDisk::open(&base, &overlay).unwrap_err();
+    let err = CowDisk::open(&base, &overlay, None).unwrap_err();
     assert!(matches!(err, DiskError::Locked { .. }), "{err}");
     drop(disk);
-    CowDisk::open(&base, &overlay).unwrap();
+    CowDisk::open(&base, &overlay, None).unwrap();
 }
 
 #[test]
@@ -247,7 +337,7 @@ fn corrupt_or_truncated_metadata_is_a_typed_error_naming_the_file() {
     ];
     for (what, bytes) in cases {
         std::fs::write(&meta_path, &bytes).unwrap();
-        let err = CowDisk::open(&base, &overlay).unwrap_err();
+        let err = CowDisk::open(&base, &overlay, None).unwrap_err();
         match &err {
             DiskError::CorruptOverlay { path, .. } => assert_eq!(path, &meta_path, "{what}"),
             other => panic!("{what}: expected CorruptOverlay, got {other}"),
@@ -256,7 +346,7 @@ fn corrupt_or_truncated_metadata_is_a_typed_error_naming_the_file() {
     }
 
     std::fs::remove_file(&meta_path).unwrap();
-    let err = CowDisk::open(&base, &overlay).unwrap_err();
+    let err = CowDisk::open(&base, &overlay, None).unwrap_err();
     assert!(matches!(err, DiskError::Io { op: "open", .. }), "{err}");
 }
 
@@ -272,7 +362,7 @@ fn a_truncated_data_file_is_a_typed_error() {
         .unwrap()
         .set_len(4096)
         .unwrap();
-    let err = CowDisk::open(&base, &overlay).unwrap_err();
+    let err = CowDisk::open(&base, &overlay, None).unwrap_err();
     match err {
         DiskError::CorruptOverlay { path, .. } => assert_eq!(path, overlay),
         other => panic!("expected CorruptOverlay, got {other}"),
@@ -291,7 +381,7 @@ fn a_base_image_whose_size_changed_is_a_typed_error() {
         .unwrap()
         .set_len(128 * 1024)
         .unwrap();
-    let err = CowDisk::open(&base, &overlay).unwrap_err();
+    let err = CowDisk::open(&base, &overlay, None).unwrap_err();
     assert!(
         matches!(
             err,
@@ -339,9 +429,9 @@ fn random_reads_and_writes_match_a_model_across_reopens() {
             );
         }
         if round % 100 == 99 {
-            disk.flush().unwrap();
+            let sealed = disk.seal(round).unwrap();
             drop(disk);
-            disk = CowDisk::open(&base, &overlay).unwrap();
+            disk = CowDisk::open(&base, &overlay, sealed).unwrap();
         }
     }
     assert_eq!(read(&disk, 0, size as usize), model);

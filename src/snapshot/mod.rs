@@ -17,10 +17,18 @@
 //!   Resume copies the layers' pages over the base, oldest first. When the
 //!   chain reaches [`MAX_LAYERS`] the next pause writes a new base instead.
 //!
+//! - the disk: the overlay (`disk`, `disk.meta`) holds the disk of the
+//!   snapshot before; the guest's writes since then are sealed into a layer
+//!   (`disk.layer-<generation>`, see [`crate::disk`]) that the manifest
+//!   names with its CRC-32 and the next resume applies.
+//!
 //! A pause writes a new generation next to the current one and switches the
 //! manifest last; files the new manifest does not name are removed
 //! afterwards, and ones a crash left behind are removed at the next pause.
-//! Every byte read back is validated before use.
+//! The manifest stays while the sandbox runs again (nothing it names is
+//! written then), so a crash of the process at any moment, during a pause
+//! or not, leaves the last snapshot resumable. Every byte read back is
+//! validated before use.
 
 use std::fs::File;
 use std::io::Write;
@@ -28,7 +36,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::disk::crc32;
+use crate::disk::{crc32, SealedLayer};
+use crate::fault::crash_point;
 use crate::vmm::memory::{self, GuestMemory, SaveStats};
 use crate::vmm::MachineState;
 
@@ -134,6 +143,10 @@ pub struct Manifest {
     pub memory: Vec<MemoryLayer>,
     /// When the pause finished, in milliseconds since the Unix epoch.
     pub paused_at_ms: u64,
+    /// The disk writes this snapshot commits (`None`: the disk overlay as
+    /// it is); see [`crate::disk`].
+    #[serde(default)]
+    pub disk_layer: Option<SealedLayer>,
     /// CRC-32 of the manifest as written with this field 0.
     pub checksum: u32,
 }
@@ -257,16 +270,16 @@ fn write_synced(path: &Path, data: &[u8]) -> Result<(), SnapshotError> {
 }
 
 /// Writes a snapshot of a paused machine into `dir` as a new generation and
-/// makes it the current one. `before_commit` runs after the new files are
-/// durable and before the manifest switches (the caller flushes the disk
-/// overlay there). Returns the new manifest and what was written of memory.
+/// makes it the current one. `before_commit` runs with the generation after
+/// the new files are durable and before the manifest switches: the caller
+/// seals the disk's writes there, and the manifest commits that layer. Returns the new manifest and what was written of memory.
 pub fn write(
     dir: &Path,
     sandbox: &SandboxRecord,
     state: &MachineState,
     mem: &GuestMemory,
     how: MemoryWrite<'_>,
-    before_commit: impl FnOnce() -> Result<(), SnapshotError>,
+    before_commit: impl FnOnce(u64) -> Result<Option<SealedLayer>, SnapshotError>,
 ) -> Result<(Manifest, SaveStats), SnapshotError> {
     // A full chain is merged into a new base of the pages the chain holds
     // plus the dirty ones: no scan of never-touched memory.
@@ -318,6 +331,7 @@ pub fn write(
         mem_file
             .sync_all()
             .map_err(SnapshotError::io("fsync", &memory_path))?;
+        crash_point("pause:memory-written");
         layers.push(MemoryLayer {
             file: memory_file.clone(),
             written: stats.written,
@@ -329,7 +343,9 @@ pub fn write(
             source: std::io::Error::other(e),
         })?;
         write_synced(&state_path, &state_json)?;
-        before_commit()?;
+        crash_point("pause:state-written");
+        let disk_layer = before_commit(generation)?;
+        crash_point("pause:disk-sealed");
         let manifest = Manifest {
             format: FORMAT.into(),
             version: VERSION,
@@ -343,14 +359,17 @@ pub fn write(
             paused_at_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
+            disk_layer,
             checksum: 0,
         };
         let (manifest, json) = manifest.seal();
         let tmp = dir.join(format!("{MANIFEST}.tmp"));
         write_synced(&tmp, &json)?;
+        crash_point("pause:manifest-written");
         std::fs::rename(&tmp, dir.join(MANIFEST))
             .map_err(SnapshotError::io("rename into place", &tmp))?;
         sync_dir(dir)?;
+        crash_point("pause:committed");
         Ok((manifest, stats))
     })();
     match &result {

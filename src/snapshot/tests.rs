@@ -30,6 +30,7 @@ fn sample() -> Manifest {
             },
         ],
         paused_at_ms: 1,
+        disk_layer: None,
         checksum: 0,
     }
 }

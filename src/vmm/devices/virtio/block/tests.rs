@@ -364,7 +364,7 @@ fn writes_land_in_the_overlay_and_read_back() {
 }
 
 #[test]
-fn flush_makes_writes_survive_a_reopen() {
+fn flushed_writes_survive_a_reopen_once_sealed() {
     let dir = tempfile::tempdir().unwrap();
     let (base, disk) = make_disk(dir.path());
     let overlay = disk.files()[0].clone();
@@ -372,8 +372,9 @@ fn flush_makes_writes_survive_a_reopen() {
     assert_eq!(drv.write_sectors(100, &[0xcd; 1024]), VIRTIO_BLK_S_OK as u8);
     let (used, status) = drv.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
     assert_eq!((used, status), (1, VIRTIO_BLK_S_OK as u8));
+    let sealed = block.disk().lock().unwrap().seal(1).unwrap();
     drop(block);
-    let disk = CowDisk::open(&base, &overlay).unwrap();
+    let disk = CowDisk::open(&base, &overlay, sealed).unwrap();
     let mut buf = [0u8; 1024];
     disk.read_at(&mut buf, 100 * 512).unwrap();
     assert_eq!(buf, [0xcd; 1024]);
