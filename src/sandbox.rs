@@ -19,6 +19,7 @@ use crate::proto::AGENT_VSOCK_PORT;
 use crate::runtime::RuntimeInner;
 use crate::snapshot::{self, SandboxRecord};
 use crate::template::Template;
+use crate::vmm::cpu::HostProfile;
 use crate::vmm::devices::virtio::block::Block;
 use crate::vmm::devices::virtio::vsock::{Vsock, VsockConnector};
 use crate::vmm::devices::virtio::VirtioDevice;
@@ -434,6 +435,7 @@ impl Sandbox<Running> {
             rootfs_hash: template.manifest.rootfs_hash.clone(),
             mem_mib,
             vcpus,
+            host: Some(HostProfile::current(rt.host)),
         };
         let mut sandbox = Sandbox {
             inner: SandboxInner {
@@ -716,6 +718,14 @@ impl Sandbox<Paused> {
                 id: id.to_string(),
                 reason: format!("its snapshot belongs to sandbox {}", manifest.sandbox.id),
             });
+        }
+        if let Some(saved) = &manifest.sandbox.host {
+            if let Some(reason) = HostProfile::current(rt.host).cannot_run(saved) {
+                return Err(Error::Incompatible {
+                    id: id.to_string(),
+                    reason,
+                });
+            }
         }
         let template = rt.template(&manifest.sandbox.template)?;
         if template.manifest.rootfs_hash != manifest.sandbox.rootfs_hash {

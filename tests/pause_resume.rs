@@ -254,6 +254,18 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     let err = rt.connect(&id).await.unwrap_err();
     assert!(matches!(err, Error::Snapshot(_)), "{err}");
     std::fs::write(dir.join("snapshot.json"), &manifest).unwrap();
+    // A snapshot from a host whose CPU has state this one lacks.
+    let mut foreign = dormouse::snapshot::read_manifest(&dir).unwrap();
+    foreign
+        .sandbox
+        .host
+        .as_mut()
+        .expect("the host is recorded")
+        .xcr0 = u64::MAX;
+    std::fs::write(dir.join("snapshot.json"), foreign.seal().1).unwrap();
+    let err = rt.connect(&id).await.unwrap_err();
+    assert!(matches!(err, Error::Incompatible { .. }), "{err}");
+    std::fs::write(dir.join("snapshot.json"), &manifest).unwrap();
     let mem = memory_file(&dir);
     let mem_len = std::fs::metadata(&mem).unwrap().len();
     let file = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();

@@ -117,6 +117,10 @@ pub struct SandboxRecord {
     pub mem_mib: u32,
     /// vCPUs.
     pub vcpus: u8,
+    /// The host the sandbox's guest was started on, whose CPU model it
+    /// keeps (absent in snapshots of builds before it was recorded).
+    #[serde(default)]
+    pub host: Option<crate::vmm::cpu::HostProfile>,
 }
 
 /// The manifest: one consistent snapshot.
@@ -153,7 +157,7 @@ pub struct Manifest {
 
 impl Manifest {
     /// The manifest's bytes with its checksum set.
-    fn seal(mut self) -> (Manifest, Vec<u8>) {
+    pub fn seal(mut self) -> (Manifest, Vec<u8>) {
         self.checksum = 0;
         self.checksum = crc32(&self.encode());
         let bytes = self.encode();

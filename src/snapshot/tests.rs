@@ -11,6 +11,7 @@ fn sample() -> Manifest {
             rootfs_hash: "r".into(),
             mem_mib: 512,
             vcpus: 1,
+            host: None,
         },
         generation: 3,
         state_file: "state-3.json".into(),

@@ -111,9 +111,50 @@ const XFEATURE_YMM: u64 = 1 << 2;
 /// Opmask, ZMM_Hi256 and Hi16_ZMM: the AVX-512 state.
 const XFEATURE_AVX512: u64 = 0b111 << 5;
 
+/// What a snapshot's guest depends on in its host: the kind of
+/// virtualization (the guest kernel was booted with that kind's
+/// workarounds) and the CPU's extended state (XCR0: the registers the guest
+/// may hold, e.g. AVX-512's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostProfile {
+    /// The kind of virtualization.
+    pub kind: HostKind,
+    /// The host's XCR0.
+    pub xcr0: u64,
+}
+
+impl HostProfile {
+    /// This host's profile.
+    pub fn current(kind: HostKind) -> Self {
+        Self {
+            kind,
+            xcr0: host_xcr0(),
+        }
+    }
+
+    /// Why a guest that ran on `saved` cannot run here, if it cannot: a
+    /// different kind of host, or state components this CPU lacks.
+    pub fn cannot_run(&self, saved: &HostProfile) -> Option<String> {
+        if saved.kind != self.kind {
+            return Some(format!(
+                "it was paused on a {} host and this one is {}; resume it on a host of the same kind",
+                saved.kind, self.kind
+            ));
+        }
+        let missing = saved.xcr0 & !self.xcr0;
+        if missing != 0 {
+            return Some(format!(
+                "its guest may hold CPU state this host lacks (XCR0 {:#x} there, {:#x} here:                  bits {missing:#x} missing, e.g. AVX-512); resume it on a host with the same CPU features",
+                saved.xcr0, self.xcr0
+            ));
+        }
+        None
+    }
+}
+
 /// The XCR0 this host runs user code with, which on PVM is also the XCR0
 /// guest user mode runs with: PVM does not switch it.
-fn host_xcr0() -> u64 {
+pub fn host_xcr0() -> u64 {
     if std::arch::is_x86_feature_detected!("xsave") {
         // SAFETY: the CPU has XSAVE and the OS enabled it (OSXSAVE), which
         // is what the detection above checks, so XGETBV(0) is valid.
@@ -253,6 +294,24 @@ mod tests {
         assert!(should_inject_breakpoint(HostKind::Pvm, &[0xcc]));
         assert!(!should_inject_breakpoint(HostKind::IntelVmx, &[0xcc]));
         assert!(!should_inject_breakpoint(HostKind::Pvm, &[0x0f, 0x01]));
+    }
+
+    #[test]
+    fn host_profiles_refuse_other_kinds_and_missing_state() {
+        let here = HostProfile {
+            kind: HostKind::Pvm,
+            xcr0: 0x7,
+        };
+        assert_eq!(here.cannot_run(&here), None);
+        let smaller = HostProfile { xcr0: 0x3, ..here };
+        assert_eq!(here.cannot_run(&smaller), None);
+        let avx512 = HostProfile { xcr0: 0xe7, ..here };
+        assert!(here.cannot_run(&avx512).unwrap().contains("0xe0 missing"));
+        let vmx = HostProfile {
+            kind: HostKind::IntelVmx,
+            ..here
+        };
+        assert!(here.cannot_run(&vmx).unwrap().contains("same kind"));
     }
 
     #[test]
