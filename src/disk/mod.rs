@@ -287,16 +287,16 @@ impl CowDisk {
         vec![self.data_path.clone(), self.meta_path.clone()]
     }
 
-    /// How many blocks of [`BLOCK_SIZE`] bytes the overlay and the pending
-    /// layer hold.
+    /// How many blocks of [`BLOCK_SIZE`] bytes no longer come from the
+    /// base image (held by the overlay, the pending layer or both).
     pub fn allocated_blocks(&self) -> u64 {
-        let count = |bitmap: &[u8]| {
-            bitmap
-                .iter()
-                .map(|b| u64::from(b.count_ones()))
-                .sum::<u64>()
-        };
-        count(&self.bitmap) + self.pending.as_ref().map_or(0, |p| count(&p.bitmap))
+        let pending = self.pending.as_ref().map(|p| p.bitmap.as_slice());
+        self.bitmap
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b | pending.map_or(0, |p| p[i]))
+            .map(|b| u64::from(b.count_ones()))
+            .sum()
     }
 
     /// Fills `buf` with the disk's bytes starting at `offset`.

@@ -111,6 +111,7 @@ fn sealed_writes_are_applied_by_the_next_open() {
     let mut disk = CowDisk::create(&base, &overlay).unwrap();
     disk.write_at(&[0x5a; 5000], 40_000).unwrap();
     let sealed = disk.seal(3).unwrap().expect("a layer");
+    let blocks = disk.allocated_blocks();
     assert_eq!(sealed.generation, 3);
     let files = disk.files();
     drop(disk);
@@ -120,6 +121,11 @@ fn sealed_writes_are_applied_by_the_next_open() {
 
     let disk = CowDisk::open(&base, &overlay, Some(sealed)).unwrap();
     assert!(!dir.path().join("o.layer-3").exists(), "merged and deleted");
+    assert_eq!(disk.allocated_blocks(), blocks);
+    let mut disk = disk;
+    // Rewritten after the snapshot: in the overlay and pending, one block.
+    disk.write_at(&[0x5a; 10], 40_000).unwrap();
+    assert_eq!(disk.allocated_blocks(), blocks);
     assert_eq!(read(&disk, 40_000, 5000), vec![0x5a; 5000]);
     assert_eq!(read(&disk, 0, 40_000), pattern(0, 40_000));
     assert_eq!(read(&disk, 45_000, 1000), pattern(45_000, 1000));
