@@ -96,7 +96,7 @@ async fn http_get_hello(addr: std::net::SocketAddr, when: &str) {
         }
         let resp = String::from_utf8_lossy(&resp);
         if resp.starts_with("HTTP/1.0 200") {
-            assert!(resp.ends_with("hello from the guest\n"), "{resp}");
+            assert!(resp.ends_with(common::HELLO), "{resp}");
             return;
         }
         assert!(
@@ -155,15 +155,7 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     // A Python variable and an HTTP server, reached through a port forward.
     let run_x = sbx.run_code("x = 42").await.expect("run_code");
     assert!(run_x.error.is_none(), "{run_x:?}");
-    sbx.files()
-        .write("/srv/www/hello.txt", "hello from the guest\n")
-        .await
-        .unwrap();
-    let server = sbx
-        .commands()
-        .spawn(Command::shell("exec python3 -m http.server 8000 --bind 127.0.0.1").cwd("/srv/www"))
-        .await
-        .unwrap();
+    let server = common::start_hello_server(&sbx).await;
     let fwd = sbx.ports().expose(8000).await.unwrap();
     http_get_hello(fwd.local_addr(), "before the first pause").await;
 

@@ -509,17 +509,7 @@ fn run_code_keeps_state_reports_errors_and_times_out() {
 #[test]
 fn an_http_server_in_the_guest_answers_through_a_forwarded_port() {
     with_sandbox(|sbx| async move {
-        sbx.files()
-            .write("/srv/www/hello.txt", "hello from the guest\n")
-            .await
-            .unwrap();
-        let server = sbx
-            .commands()
-            .spawn(
-                Command::shell("exec python3 -m http.server 8000 --bind 127.0.0.1").cwd("/srv/www"),
-            )
-            .await
-            .unwrap();
+        let server = common::start_hello_server(sbx).await;
         let fwd = sbx.ports().expose(8000).await.unwrap();
         let start = Instant::now();
         let body = loop {
@@ -551,7 +541,7 @@ fn an_http_server_in_the_guest_answers_through_a_forwarded_port() {
             "HTTP answered through the forward after {:?}",
             start.elapsed()
         );
-        assert!(body.ends_with("hello from the guest\n"), "{body}");
+        assert!(body.ends_with(common::HELLO), "{body}");
         let local = fwd.local_addr();
         fwd.close();
         sbx.commands().kill(server.pid()).await.unwrap();

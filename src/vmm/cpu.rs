@@ -14,6 +14,8 @@ use std::path::Path;
 use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
+use super::xsave::{XFEATURE_AVX512, XFEATURE_FP, XFEATURE_SSE, XFEATURE_YMM};
+
 /// What kind of virtualization `/dev/kvm` offers on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HostKind {
@@ -105,11 +107,6 @@ const LEAF7_EBX_ERMS: u32 = 9;
 const LEAF7_EBX_SMAP: u32 = 20;
 const LEAF7_EBX_AVX512F: u32 = 16;
 const LEAF7_EDX_FSRM: u32 = 4;
-const XFEATURE_FP: u64 = 1 << 0;
-const XFEATURE_SSE: u64 = 1 << 1;
-const XFEATURE_YMM: u64 = 1 << 2;
-/// Opmask, ZMM_Hi256 and Hi16_ZMM: the AVX-512 state.
-const XFEATURE_AVX512: u64 = 0b111 << 5;
 
 /// What a snapshot's guest depends on in its host: the kind of
 /// virtualization (the guest kernel was booted with that kind's

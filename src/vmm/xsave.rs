@@ -198,9 +198,12 @@ const XMM_REGS: std::ops::Range<usize> = 160..416;
 const HEADER: usize = 512;
 const HEADER_LEN: usize = 64;
 const X87_INIT_FCW: u16 = 0x037f;
-const XFEATURE_FP: u64 = 1 << 0;
-const XFEATURE_SSE: u64 = 1 << 1;
-const XFEATURE_YMM: u64 = 1 << 2;
+/// XCR0 / XSTATE_BV bits: x87, SSE and AVX state.
+pub const XFEATURE_FP: u64 = 1 << 0;
+pub const XFEATURE_SSE: u64 = 1 << 1;
+pub const XFEATURE_YMM: u64 = 1 << 2;
+/// Opmask, ZMM_Hi256 and Hi16_ZMM: the AVX-512 state.
+pub const XFEATURE_AVX512: u64 = 0b111 << 5;
 /// MXCSR_MASK when the processor stores 0 there.
 const DEFAULT_MXCSR_MASK: u32 = 0xffbf;
 
@@ -420,6 +423,40 @@ pub fn complete(fd: &VcpuFd, mem: &GuestMemory, insn: &Insn) -> Result<(), Xsave
     }
 }
 
+/// An XSAVE area in guest memory: where it lies and what it holds.
+struct Area {
+    /// Guest-physical address and length of each page's part.
+    pieces: Vec<(u64, usize)>,
+    bytes: Vec<u8>,
+}
+
+/// The XSAVE area at `addr` for the components in `rfbm`: its
+/// guest-physical pieces and its current bytes, or the fault an access to
+/// it raises (#GP unless 64-byte aligned and in RAM; #PF from the page
+/// tables, for a `write` access if the instruction writes it).
+fn read_area(
+    fd: &VcpuFd,
+    mem: &GuestMemory,
+    op: Op,
+    addr: u64,
+    rfbm: u64,
+    user: bool,
+) -> Result<Result<Area, Fault>, XsaveError> {
+    if addr % 64 != 0 {
+        return Ok(Err(Fault::Gp));
+    }
+    let len = area_len(rfbm);
+    let pieces = match translate(fd, op, addr, len, op == Op::Save, user)? {
+        Ok(p) => p,
+        Err(fault) => return Ok(Err(fault)),
+    };
+    let mut bytes = vec![0u8; len];
+    if !read_pieces(mem, &pieces, &mut bytes) {
+        return Ok(Err(Fault::Gp));
+    }
+    Ok(Ok(Area { pieces, bytes }))
+}
+
 fn save(
     fd: &VcpuFd,
     mem: &GuestMemory,
@@ -428,18 +465,13 @@ fn save(
     user: bool,
 ) -> Result<Result<(), Fault>, XsaveError> {
     let op = Op::Save;
-    if addr % 64 != 0 {
-        return Ok(Err(Fault::Gp));
-    }
-    let len = area_len(rfbm);
-    let pieces = match translate(fd, op, addr, len, true, user)? {
-        Ok(p) => p,
+    let Area {
+        pieces,
+        bytes: mut area,
+    } = match read_area(fd, mem, op, addr, rfbm, user)? {
+        Ok(read) => read,
         Err(fault) => return Ok(Err(fault)),
     };
-    let mut area = vec![0u8; len];
-    if !read_pieces(mem, &pieces, &mut area) {
-        return Ok(Err(Fault::Gp));
-    }
     let state = kvm(op, "KVM_GET_XSAVE", fd.get_xsave())?;
     let regs = region_bytes(&state);
     let in_use = u64_at(regs, HEADER);
@@ -471,18 +503,10 @@ fn restore(
     user: bool,
 ) -> Result<Result<(), Fault>, XsaveError> {
     let op = Op::Restore;
-    if addr % 64 != 0 {
-        return Ok(Err(Fault::Gp));
-    }
-    let len = area_len(rfbm);
-    let pieces = match translate(fd, op, addr, len, false, user)? {
-        Ok(p) => p,
+    let area = match read_area(fd, mem, op, addr, rfbm, user)? {
+        Ok(read) => read.bytes,
         Err(fault) => return Ok(Err(fault)),
     };
-    let mut area = vec![0u8; len];
-    if !read_pieces(mem, &pieces, &mut area) {
-        return Ok(Err(Fault::Gp));
-    }
     let header = &area[HEADER..HEADER + HEADER_LEN];
     let bv = u64_at(header, 0);
     // Standard form only (XCOMP_BV 0, no XSAVEC offered), reserved bytes

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use dormouse::Runtime;
+use dormouse::{Command, CommandHandle, Running, Runtime, Sandbox};
 
 /// The template every test boots.
 pub const TEMPLATE: &str = "python";
@@ -38,4 +38,20 @@ pub async fn runtime(state: &Path) -> Option<Runtime> {
         return None;
     }
     Some(rt)
+}
+
+/// What `GET /hello.txt` returns from [`start_hello_server`].
+pub const HELLO: &str = "hello from the guest\n";
+
+/// Writes `/srv/www/hello.txt` ([`HELLO`]) and starts `python3 -m
+/// http.server` on the guest's loopback port 8000, serving that directory.
+pub async fn start_hello_server(sbx: &Sandbox<Running>) -> CommandHandle {
+    sbx.files()
+        .write("/srv/www/hello.txt", HELLO)
+        .await
+        .expect("write /srv/www/hello.txt");
+    sbx.commands()
+        .spawn(Command::shell("exec python3 -m http.server 8000 --bind 127.0.0.1").cwd("/srv/www"))
+        .await
+        .expect("start the guest's HTTP server")
 }

@@ -454,11 +454,7 @@ impl Run<'_> {
         }
         match (&self.interp.requests).write(&self.request[self.written..]) {
             Ok(n) => self.written += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if sys::try_again(&e) => {}
             // EPIPE: the interpreter is gone; its events pipe says so next.
             Err(_) => self.written = self.request.len(),
         }
@@ -526,14 +522,7 @@ impl Run<'_> {
         let n = match (&self.interp.events).read(&mut chunk) {
             Ok(0) => return Some(self.died()),
             Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                return None
-            }
+            Err(e) if sys::try_again(&e) => return None,
             Err(e) => return Some(self.broken(&format!("cannot read its events: {e}"))),
         };
         self.interp.partial.extend_from_slice(&chunk[..n]);

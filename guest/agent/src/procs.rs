@@ -427,11 +427,7 @@ impl Pump {
         let start = s.pending_at;
         match pipe.write(&s.pending[start..]) {
             Ok(n) => s.pending_at += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if sys::try_again(&e) => {}
             // EPIPE: the command closed its stdin; the rest is not wanted.
             Err(_) => {
                 s.pending_at = s.pending.len();

@@ -4,6 +4,15 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+/// Whether a non-blocking read or write failed only for now (nothing to
+/// read, no room to write, or a signal): try again at the next poll.
+pub fn try_again(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
 /// Turns a `-1` return into the thread's `errno`.
 pub fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret == -1 {

@@ -257,14 +257,7 @@ impl Watch {
             }
             let n = match (&self.inotify).read(&mut buf) {
                 Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
+                Err(e) if sys::try_again(&e) => continue,
                 Err(e) => {
                     return Err(Failure::new(
                         ErrorKind::Internal,
