@@ -147,27 +147,33 @@ impl Meta {
 
     /// Replaces the metadata file at `path` atomically and durably.
     pub fn write_atomic(&self, path: &Path) -> Result<(), DiskError> {
-        let tmp = temp_path(path);
-        let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(|source| DiskError::io("create", &tmp, source))?;
-            file.write_all(&self.encode())
-                .map_err(|source| DiskError::io("write", &tmp, source))?;
-            file.sync_all()
-                .map_err(|source| DiskError::io("fsync", &tmp, source))?;
-            std::fs::rename(&tmp, path).map_err(|source| DiskError::io("rename over", path, source))
-        })();
-        if result.is_err() {
-            // Best effort: the temporary file is garbage now.
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result?;
-        sync_parent_dir(path)
+        write_atomic(path, &self.encode())
     }
+}
+
+/// Replaces `path` with `bytes` atomically and durably: a temporary file,
+/// fsync, rename, fsync of the directory.
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DiskError> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|source| DiskError::io("create", &tmp, source))?;
+        file.write_all(bytes)
+            .map_err(|source| DiskError::io("write", &tmp, source))?;
+        file.sync_all()
+            .map_err(|source| DiskError::io("fsync", &tmp, source))?;
+        std::fs::rename(&tmp, path).map_err(|source| DiskError::io("rename over", path, source))
+    })();
+    if result.is_err() {
+        // Best effort: the temporary file is garbage now.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    sync_parent_dir(path)
 }
 
 /// The temporary file `write_atomic` writes before renaming it over `path`.

@@ -30,7 +30,6 @@
 mod meta;
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -540,7 +539,7 @@ impl CowDisk {
         }
         self.commit_overlay()?;
         crate::fault::crash_point("resume:disk-merged");
-        write_atomic(
+        meta::write_atomic(
             &merged_path(&self.data_path),
             sealed.generation.to_string().as_bytes(),
         )
@@ -629,25 +628,6 @@ fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
-}
-
-/// Replaces `path` with `bytes` atomically and durably.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DiskError> {
-    let tmp = meta::temp_path(path);
-    let written = (|| {
-        let mut file =
-            File::create(&tmp).map_err(|source| DiskError::io("create", &tmp, source))?;
-        file.write_all(bytes)
-            .map_err(|source| DiskError::io("write", &tmp, source))?;
-        file.sync_all()
-            .map_err(|source| DiskError::io("fsync", &tmp, source))?;
-        std::fs::rename(&tmp, path).map_err(|source| DiskError::io("rename over", path, source))
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    meta::sync_parent_dir(path)
 }
 
 /// The metadata file of the overlay (or layer) whose data file is `overlay`.
