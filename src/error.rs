@@ -42,6 +42,18 @@ pub enum Error {
         /// The directories searched.
         searched: Vec<PathBuf>,
     },
+    /// No snapshot of that name (never made, or deleted).
+    #[error("snapshot {name:?} not found: see Runtime::list_snapshots for the ones there are")]
+    SnapshotNotFound {
+        /// The name asked for.
+        name: String,
+    },
+    /// A snapshot of that name exists already.
+    #[error("a snapshot named {name:?} exists already: pick another name or delete it first (Runtime::delete_snapshot)")]
+    SnapshotExists {
+        /// The name.
+        name: String,
+    },
     /// A template's manifest is unreadable or invalid.
     #[error("invalid template manifest {path}: {reason}; rebuild the template")]
     InvalidTemplate {

@@ -27,6 +27,8 @@ pub mod agent;
 pub mod disk;
 mod error;
 pub mod fault;
+mod fsutil;
+mod info;
 pub mod proto;
 mod runtime;
 mod sandbox;
@@ -38,6 +40,7 @@ pub mod vmm;
 pub use agent::code::{CodeOutput, CodeRun};
 pub use agent::ExecRequest as Command;
 pub use error::{ConsoleTail, Error, Result};
+pub use info::{ListQuery, SandboxInfo, SandboxPage, SandboxState, SnapshotInfo};
 pub use proto::{
     CodeError, ContextInfo, EntryInfo, EntryKind, ExitStatus, FileEvent, FileEventKind, ProcessInfo,
 };

@@ -5,6 +5,7 @@
 //! need a running guest, `Sandbox<Paused>` the ones on a sandbox whose whole
 //! state is in files (see [`crate::snapshot`]).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
@@ -15,6 +16,8 @@ use std::time::{Duration, Instant};
 use crate::agent::{self, AgentError};
 use crate::disk::CowDisk;
 use crate::error::{ConsoleTail, Error, Result};
+use crate::fsutil::now_ms;
+use crate::info::{self, SandboxInfo, SandboxState};
 use crate::proto::AGENT_VSOCK_PORT;
 use crate::runtime::RuntimeInner;
 use crate::snapshot::{self, SandboxRecord};
@@ -55,7 +58,7 @@ pub struct SandboxId(String);
 impl SandboxId {
     fn random() -> Result<SandboxId> {
         let mut bytes = [0u8; 10];
-        getrandom(&mut bytes)?;
+        fill_random(&mut bytes)?;
         Ok(SandboxId(
             bytes.iter().map(|b| format!("{b:02x}")).collect(),
         ))
@@ -81,7 +84,7 @@ impl std::fmt::Display for SandboxId {
     }
 }
 
-fn getrandom(buf: &mut [u8]) -> Result<()> {
+pub(crate) fn fill_random(buf: &mut [u8]) -> Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(buf))
@@ -97,8 +100,12 @@ pub struct SandboxConfig {
     pub vcpus: Option<u8>,
     /// How long the guest may take to boot to its agent before creation fails
     /// (default 5 minutes: a boot takes about a minute on a PVM host, well
-    /// under a second on VT-x).
+    /// under a second on VT-x). Only the first sandbox of a template
+    /// boots; later ones start from its snapshot.
     pub boot_timeout: Duration,
+    /// The caller's labels, kept with the sandbox and matched by
+    /// [`ListQuery::metadata`](crate::ListQuery::metadata).
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl Default for SandboxConfig {
@@ -107,6 +114,7 @@ impl Default for SandboxConfig {
             memory_mib: None,
             vcpus: None,
             boot_timeout: Duration::from_secs(300),
+            metadata: BTreeMap::new(),
         }
     }
 }
@@ -129,6 +137,13 @@ impl SandboxConfig {
         self.boot_timeout = timeout;
         self
     }
+
+    /// Adds the label `key` = `value` (at most 64 labels; keys up to 256
+    /// bytes, values up to 2048).
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
 }
 
 /// A sandbox in state `S`.
@@ -148,6 +163,8 @@ struct SandboxInner {
     dir: PathBuf,
     rt: Arc<RuntimeInner>,
     record: SandboxRecord,
+    /// What `sandbox.json` says; rewritten at every transition.
+    info: SandboxInfo,
     /// The template's root filesystem image, under the disk overlay.
     rootfs: PathBuf,
     /// Set while running.
@@ -254,28 +271,54 @@ impl Drop for SandboxInner {
     }
 }
 
+/// An open-file-description write lock on the whole of `file`
+/// (`F_OFD_SETLK`): held by one open file, in any process, until it is
+/// closed; unlike `flock` it can be queried without taking it.
+fn ofd_lock(file: &File, cmd: libc::c_int) -> std::io::Result<libc::flock> {
+    // SAFETY: an all-zero `flock` is a valid value of the plain C struct.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fcntl reads and (for F_OFD_GETLK) writes `lock`, a local
+    // that outlives the call, on a descriptor `file` keeps open.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut lock) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(lock)
+}
+
 /// Takes the sandbox's lock, or says who has it.
 fn lock_sandbox(dir: &Path, id: &SandboxId) -> Result<File> {
     let path = dir.join(LOCK_FILE);
     let file = File::options()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&path)
         .map_err(Error::io(format!("cannot open {}", path.display())))?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::Busy { id: id.to_string() });
+    match ofd_lock(&file, libc::F_OFD_SETLK) {
+        Ok(_) => Ok(file),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => {
+            Err(Error::Busy { id: id.to_string() })
         }
-        return Err(Error::Io {
+        Err(source) => Err(Error::Io {
             what: format!("cannot lock {}", path.display()),
-            source: err,
-        });
+            source,
+        }),
     }
-    Ok(file)
+}
+
+/// Whether a live handle (of this process or another) holds the lock of the
+/// sandbox directory `dir`. Does not take it.
+pub(crate) fn is_held(dir: &Path) -> bool {
+    let Ok(file) = File::open(dir.join(LOCK_FILE)) else {
+        return false;
+    };
+    // F_OFD_GETLK with a write lock needs only a readable descriptor.
+    ofd_lock(&file, libc::F_OFD_GETLK)
+        .is_ok_and(|lock| lock.l_type != libc::F_UNLCK as libc::c_short)
 }
 
 /// Why a pause failed, with the sandbox, still running.
@@ -380,24 +423,31 @@ impl<S> Sandbox<S> {
     pub fn dir(&self) -> &std::path::Path {
         &self.inner.dir
     }
+
+    /// What is known about the sandbox: state, metadata, times, sizes.
+    pub fn info(&self) -> &SandboxInfo {
+        &self.inner.info
+    }
+
+    /// The labels it was created with.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.inner.info.metadata
+    }
 }
 
 impl Sandbox<Running> {
+    /// Boots a new sandbox from the template's kernel and root filesystem
+    /// (what a template's snapshot is made from; see
+    /// [`Runtime::create`](crate::Runtime::create)).
     pub(crate) async fn boot(
         rt: Arc<RuntimeInner>,
         template: Template,
         config: SandboxConfig,
     ) -> Result<Sandbox<Running>> {
+        info::check_metadata(&config.metadata)?;
         let mem_mib = config.memory_mib.unwrap_or(template.manifest.mem_mib);
         let vcpus = config.vcpus.unwrap_or(template.manifest.vcpus);
-        let id = SandboxId::random()?;
-        let dir = rt.dir.join("sandboxes").join(id.as_str());
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(Error::io(format!("cannot create {}", dir.display())))?;
-        // From here on, dropping `guard` deletes the directory again.
-        let guard = DirGuard(Some(dir.clone()));
-
+        let (id, dir, lock, guard) = new_sandbox_dir(&rt).await?;
         let kernel = template.kernel_path();
         let rootfs = template.rootfs_path();
         let overlay = dir.join("disk");
@@ -422,12 +472,8 @@ impl Sandbox<Running> {
             Ok((machine, connector, disk))
         })
         .await
-        .map_err(|e| Error::Io {
-            what: "the boot task failed".into(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+        .map_err(|e| join_error("boot", e))??;
         let (machine, vsock, disk) = booted;
-        let lock = lock_sandbox(&dir, &id)?;
         let record = SandboxRecord {
             id: id.to_string(),
             template: template.manifest.name.clone(),
@@ -437,12 +483,26 @@ impl Sandbox<Running> {
             vcpus,
             host: Some(HostProfile::current(rt.host)),
         };
+        let now = now_ms();
+        let info = SandboxInfo {
+            id: id.to_string(),
+            template: record.template.clone(),
+            state: SandboxState::Running,
+            metadata: config.metadata,
+            created_at_ms: now,
+            started_at_ms: now,
+            paused_at_ms: None,
+            vcpus,
+            memory_mib: mem_mib,
+            disk_mib: disk_mib(&template.rootfs_path()),
+        };
         let mut sandbox = Sandbox {
             inner: SandboxInner {
                 id,
                 dir,
                 rt,
                 record,
+                info,
                 rootfs: template.rootfs_path(),
                 machine: Some(machine),
                 disk: Some(disk),
@@ -455,8 +515,54 @@ impl Sandbox<Running> {
             _state: PhantomData,
         };
         std::mem::forget(guard); // the sandbox now owns (and cleans) the directory
+        sandbox.inner.save_info()?;
         sandbox.wait_for_agent(config.boot_timeout).await?;
         Ok(sandbox)
+    }
+
+    /// Starts a new sandbox from the snapshot in `source` (a template's or
+    /// a named one): its files are linked or copied into a new sandbox
+    /// directory (see [`snapshot::copy_to`]) and it is resumed from there,
+    /// sharing the snapshot's memory pages until it writes them.
+    pub(crate) async fn start_from(
+        rt: Arc<RuntimeInner>,
+        source: PathBuf,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Sandbox<Running>> {
+        info::check_metadata(&metadata)?;
+        let (id, dir, lock, guard) = new_sandbox_dir(&rt).await?;
+        let paused = {
+            let (rt, id, dir) = (rt.clone(), id.clone(), dir.clone());
+            tokio::task::spawn_blocking(move || -> Result<Sandbox<Paused>> {
+                let source_manifest = snapshot::read_manifest(&source)?;
+                let record = SandboxRecord {
+                    id: id.to_string(),
+                    ..source_manifest.sandbox
+                };
+                snapshot::copy_to(&source, &dir, record)?;
+                let now = now_ms();
+                let mut paused = Sandbox::<Paused>::with_lock(rt, id, dir, lock)?;
+                paused.inner.info.metadata = metadata;
+                paused.inner.info.created_at_ms = now;
+                paused.inner.info.started_at_ms = now;
+                paused.inner.info.paused_at_ms = None;
+                paused.inner.save_info()?;
+                Ok(paused)
+            })
+            .await
+            .map_err(|e| join_error("create", e))??
+        };
+        std::mem::forget(guard); // `paused` owns the directory now
+        match paused.resume().await {
+            Ok(sandbox) => Ok(sandbox),
+            Err(e) => {
+                if let Some(paused) = e.sandbox {
+                    // Never ran as itself: nothing to keep.
+                    let _ = paused.kill().await;
+                }
+                Err(e.error)
+            }
+        }
     }
 
     fn machine(&self) -> &Machine {
@@ -531,7 +637,7 @@ impl Sandbox<Running> {
     /// random state is a copy of the snapshot's).
     async fn sync_guest(&self) -> Result<()> {
         let mut entropy = vec![0u8; 64];
-        getrandom(&mut entropy)?;
+        fill_random(&mut entropy)?;
         let stream = self.connect_agent().await?;
         agent::sync(stream, entropy).await.map_err(Error::Agent)
     }
@@ -599,66 +705,29 @@ impl Sandbox<Running> {
         // Should this future be dropped halfway, the pause still completes
         // (or fails) on its thread; the files must stay for that.
         self.inner.delete_on_drop = false;
-        let dir = self.inner.dir.clone();
-        let record = self.inner.record.clone();
-        let disk = self.inner.disk.clone();
-        let based_on = self.inner.based_on.clone();
-        let dirty_log_complete = self.inner.dirty_log_complete;
+        let job = self.inner.snapshot_job();
         let task = tokio::task::spawn_blocking(move || {
-            let state = match machine.pause() {
-                Ok(state) => state,
-                Err(e) => return (machine, Err(Error::from(e))),
-            };
-            let dirty = match machine.take_dirty_pages() {
-                Ok(dirty) => dirty_log_complete.then_some(dirty),
-                Err(e) => {
-                    log::warn!("no dirty-page log, writing all of memory: {e}");
-                    None
-                }
-            };
-            let how = match (&dirty, &based_on) {
-                (Some(dirty), Some(on)) => snapshot::MemoryWrite::Layer { dirty, on },
-                (Some(dirty), None) => snapshot::MemoryWrite::BaseOf(dirty),
-                (None, _) => snapshot::MemoryWrite::Full,
-            };
-            let seal = |generation| {
-                let Some(disk) = &disk else { return Ok(None) };
-                disk.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .seal(generation)
-                    .map_err(|e| snapshot::SnapshotError::Io {
-                        what: "seal the disk writes of",
-                        path: dir.join("disk"),
-                        source: std::io::Error::other(e),
-                    })
-            };
-            let written = snapshot::write(&dir, &record, &state, machine.memory(), how, seal);
-            match written {
-                Ok((manifest, stats)) => {
-                    log::debug!(
-                        "paused sandbox {}: generation {}, {} of {} bytes of memory written",
-                        record.id,
-                        manifest.generation,
-                        stats.written,
-                        stats.total
-                    );
-                    (machine, Ok(()))
-                }
-                Err(e) => {
-                    if let Err(resume) = machine.resume() {
-                        log::error!("the sandbox could not run on after a failed pause: {resume}");
-                    }
-                    (machine, Err(Error::from(e)))
+            let written = job.run(&mut machine);
+            if written.is_err() {
+                if let Err(resume) = machine.resume() {
+                    log::error!("the sandbox could not run on after a failed pause: {resume}");
                 }
             }
+            (machine, written)
         });
         match task.await {
-            Ok((machine, Ok(()))) => {
+            Ok((machine, Ok((manifest, _)))) => {
                 // Releases guest memory, vCPU and device threads now.
                 drop(machine);
                 self.inner.disk = None;
                 self.inner.link.set(None);
                 self.inner.based_on = None;
+                self.inner.info.state = SandboxState::Paused;
+                self.inner.info.paused_at_ms = Some(manifest.paused_at_ms);
+                if let Err(e) = self.inner.save_info() {
+                    // The snapshot is what counts; the record is advisory.
+                    log::warn!("{e}");
+                }
                 Ok(Sandbox {
                     inner: self.inner,
                     _state: PhantomData,
@@ -677,6 +746,202 @@ impl Sandbox<Running> {
             // A panic on the pause thread is a bug: pass it on.
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
+    }
+
+    /// Records a named snapshot of the sandbox, which then runs on: the
+    /// guest is stopped only while its state is written (as by a pause:
+    /// the pages dirtied since the last snapshot), then the snapshot's
+    /// files are linked into `<state dir>/snapshots/<name>/`. Start
+    /// sandboxes from it with
+    /// [`Runtime::create_from_snapshot`](crate::Runtime::create_from_snapshot).
+    ///
+    /// [`Error::SnapshotExists`] if the name is taken; names take 1 to 64
+    /// of `[A-Za-z0-9._-]`, not starting with a dot. On any error the
+    /// sandbox runs on as before.
+    ///
+    /// ```no_run
+    /// # async fn demo(rt: dormouse::Runtime, mut sbx: dormouse::Sandbox<dormouse::Running>) -> dormouse::Result<()> {
+    /// sbx.run_code("import numpy; data = list(range(10**6))").await?;
+    /// sbx.snapshot("warm").await?;
+    /// let copies = rt.create_from_snapshot("warm", 3).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn snapshot(&mut self, name: &str) -> Result<crate::SnapshotInfo> {
+        let target = self.inner.rt.snapshot_dir(name)?;
+        if target.exists() {
+            return Err(Error::SnapshotExists {
+                name: name.to_owned(),
+            });
+        }
+        self.snapshot_to(name, target).await
+    }
+
+    /// Forks the sandbox into `n` new ones: a snapshot (the guest stops
+    /// only while its dirtied pages are written) and `n` sandboxes started
+    /// from it, each with every process, file and variable of this one at
+    /// that moment, independent from then on. This sandbox runs on. The
+    /// snapshot is not kept (the new sandboxes keep what they need of it).
+    ///
+    /// ```no_run
+    /// # async fn demo(mut sbx: dormouse::Sandbox<dormouse::Running>) -> dormouse::Result<()> {
+    /// sbx.run_code("x = 42").await?;
+    /// for (i, child) in sbx.fork(4).await?.iter().enumerate() {
+    ///     child.run_code(&format!("x += {i}")).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn fork(&mut self, n: usize) -> Result<Vec<Sandbox<Running>>> {
+        let mut suffix = [0u8; 6];
+        fill_random(&mut suffix)?;
+        let name = format!(
+            ".fork-{}-{}",
+            self.id(),
+            suffix
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        let target = self.inner.rt.dir.join("snapshots").join(&name);
+        self.snapshot_to(&name, target.clone()).await?;
+        let rt = self.inner.rt.clone();
+        let children =
+            crate::runtime::start_many(&rt, target.clone(), n, self.inner.info.metadata.clone())
+                .await;
+        if let Err(e) = crate::runtime::remove_snapshot_dir(&target).await {
+            log::warn!("{e}");
+        }
+        children
+    }
+
+    /// [`snapshot`](Self::snapshot) into `target`, with no check of the name.
+    pub(crate) async fn snapshot_to(
+        &mut self,
+        name: &str,
+        target: PathBuf,
+    ) -> Result<crate::SnapshotInfo> {
+        self.inner.info.state = SandboxState::Snapshotting;
+        self.inner.save_info()?;
+        let Some(mut machine) = self.inner.machine.take() else {
+            unreachable!("a running sandbox has a machine");
+        };
+        let job = self.inner.snapshot_job();
+        let disk = self.inner.disk.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let written = job.run(&mut machine).and_then(|(manifest, _)| {
+                if let (Some(disk), Some(sealed)) = (&disk, manifest.disk_layer) {
+                    lock_disk(disk).commit(sealed)?;
+                }
+                Ok(manifest)
+            });
+            if let Err(e) = machine.resume() {
+                return (machine, Err(Error::from(e)));
+            }
+            (machine, written)
+        });
+        let (machine, written) = match task.await {
+            Ok(done) => done,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        self.inner.machine = Some(machine);
+        self.inner.info.state = SandboxState::Running;
+        let saved = self.inner.save_info();
+        let manifest = match written {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                // The dirty log may have been read: the next pause writes
+                // everything.
+                self.inner.dirty_log_complete = false;
+                return Err(e);
+            }
+        };
+        self.inner.based_on = Some(manifest);
+        self.inner.dirty_log_complete = true;
+        saved?;
+        let info = crate::SnapshotInfo::new(name, &self.inner.info);
+        let dir = self.inner.dir.clone();
+        let record = self.inner.record.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::runtime::publish_snapshot(&dir, &target, record, &info)
+        })
+        .await
+        .map_err(|e| join_error("snapshot", e))?
+    }
+}
+
+/// Locks the disk shared with the block device.
+fn lock_disk(disk: &Mutex<CowDisk>) -> std::sync::MutexGuard<'_, CowDisk> {
+    disk.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What writing a snapshot of a running sandbox needs, taken from it so
+/// that the work can run on a blocking thread.
+struct SnapshotJob {
+    dir: PathBuf,
+    record: SandboxRecord,
+    disk: Option<Arc<Mutex<CowDisk>>>,
+    based_on: Option<snapshot::Manifest>,
+    dirty_log_complete: bool,
+}
+
+impl SandboxInner {
+    fn save_info(&self) -> Result<()> {
+        info::write(&self.dir, &self.info)
+    }
+
+    fn snapshot_job(&self) -> SnapshotJob {
+        SnapshotJob {
+            dir: self.dir.clone(),
+            record: self.record.clone(),
+            disk: self.disk.clone(),
+            based_on: self.based_on.clone(),
+            dirty_log_complete: self.dirty_log_complete,
+        }
+    }
+}
+
+impl SnapshotJob {
+    /// Stops the vCPUs of `machine` and writes a snapshot as the sandbox
+    /// directory's new generation: the pages dirtied since the snapshot it
+    /// was resumed from (or every touched page), its state, its disk
+    /// writes. The machine stays stopped.
+    fn run(self, machine: &mut Machine) -> Result<(snapshot::Manifest, memory::SaveStats)> {
+        let state = machine.pause()?;
+        let dirty = match machine.take_dirty_pages() {
+            Ok(dirty) => self.dirty_log_complete.then_some(dirty),
+            Err(e) => {
+                log::warn!("no dirty-page log, writing all of memory: {e}");
+                None
+            }
+        };
+        let how = match (&dirty, &self.based_on) {
+            (Some(dirty), Some(on)) => snapshot::MemoryWrite::Layer { dirty, on },
+            (Some(dirty), None) => snapshot::MemoryWrite::BaseOf(dirty),
+            (None, _) => snapshot::MemoryWrite::Full,
+        };
+        let dir = &self.dir;
+        let seal = |generation| {
+            let Some(disk) = &self.disk else {
+                return Ok(None);
+            };
+            lock_disk(disk)
+                .seal(generation)
+                .map_err(|e| snapshot::SnapshotError::Io {
+                    what: "seal the disk writes of",
+                    path: dir.join("disk"),
+                    source: std::io::Error::other(e),
+                })
+        };
+        let (manifest, stats) =
+            snapshot::write(dir, &self.record, &state, machine.memory(), how, seal)?;
+        log::debug!(
+            "snapshot of sandbox {}: generation {}, {} of {} bytes of memory written",
+            self.record.id,
+            manifest.generation,
+            stats.written,
+            stats.total
+        );
+        Ok((manifest, stats))
     }
 }
 
@@ -709,6 +974,11 @@ impl Sandbox<Paused> {
             return Err(not_found());
         }
         let lock = lock_sandbox(&dir, &id)?;
+        Self::with_lock(rt, id, dir, lock)
+    }
+
+    /// A handle on the paused sandbox in `dir`, whose lock the caller took.
+    fn with_lock(rt: Arc<RuntimeInner>, id: SandboxId, dir: PathBuf, lock: File) -> Result<Self> {
         if !snapshot::exists(&dir) {
             return Err(Error::NotPaused { id: id.to_string() });
         }
@@ -737,12 +1007,28 @@ impl Sandbox<Paused> {
                 ),
             });
         }
+        let record = manifest.sandbox;
+        let mut info = info::read(&dir).unwrap_or_else(|| SandboxInfo {
+            id: id.to_string(),
+            template: record.template.clone(),
+            state: SandboxState::Paused,
+            metadata: BTreeMap::new(),
+            created_at_ms: manifest.paused_at_ms,
+            started_at_ms: manifest.paused_at_ms,
+            paused_at_ms: None,
+            vcpus: record.vcpus,
+            memory_mib: record.mem_mib,
+            disk_mib: disk_mib(&template.rootfs_path()),
+        });
+        info.state = SandboxState::Paused;
+        info.paused_at_ms = Some(manifest.paused_at_ms);
         Ok(Sandbox {
             inner: SandboxInner {
                 id,
                 dir,
                 rt,
-                record: manifest.sandbox,
+                record,
+                info,
                 rootfs: template.rootfs_path(),
                 machine: None,
                 disk: None,
@@ -782,7 +1068,14 @@ impl Sandbox<Paused> {
         };
         running.inner.delete_on_drop = true;
         match running.wait_for_agent(RESUME_TIMEOUT).await {
-            Ok(()) => Ok(running),
+            Ok(()) => {
+                running.inner.info.state = SandboxState::Running;
+                running.inner.info.started_at_ms = now_ms();
+                if let Err(e) = running.inner.save_info() {
+                    log::warn!("{e}");
+                }
+                Ok(running)
+            }
             // Stop the guest and forget what it did since the restore: the
             // snapshot (disk included) is still the one it was resumed from.
             Err(error) => Err(ResumeError {
@@ -852,6 +1145,24 @@ impl Sandbox<Paused> {
         self.inner.disk = Some(disk);
         Ok(())
     }
+}
+
+/// A new sandbox id and its directory, created and locked; the guard
+/// deletes the directory unless forgotten.
+async fn new_sandbox_dir(rt: &RuntimeInner) -> Result<(SandboxId, PathBuf, File, DirGuard)> {
+    let id = SandboxId::random()?;
+    let dir = rt.dir.join("sandboxes").join(id.as_str());
+    tokio::fs::create_dir(&dir)
+        .await
+        .map_err(Error::io(format!("cannot create {}", dir.display())))?;
+    let guard = DirGuard(Some(dir.clone()));
+    let lock = lock_sandbox(&dir, &id)?;
+    Ok((id, dir, lock, guard))
+}
+
+/// The size of the disk image `rootfs` in MiB (0 if it cannot be read).
+fn disk_mib(rootfs: &Path) -> u64 {
+    std::fs::metadata(rootfs).map_or(0, |m| m.len() >> 20)
 }
 
 /// Deletes a directory on drop unless forgotten.

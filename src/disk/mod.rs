@@ -415,6 +415,17 @@ impl CowDisk {
         }))
     }
 
+    /// Applies the layer sealed by [`seal`](Self::seal) once its snapshot
+    /// committed it, while the disk stays open (a snapshot of a sandbox
+    /// that runs on): the overlay becomes that snapshot's disk and later
+    /// writes start a new pending layer, so they never reach the layer or
+    /// the overlay the snapshot names.
+    pub fn commit(&mut self, sealed: SealedLayer) -> Result<(), DiskError> {
+        self.merge(sealed)?;
+        self.pending = None;
+        self.discard_layers()
+    }
+
     /// Which file holds `block` now.
     fn source(&self, block: u64) -> Source {
         if self.pending.as_ref().is_some_and(|p| bit(&p.bitmap, block)) {
@@ -587,6 +598,45 @@ impl CowDisk {
         let start = block * BLOCK_SIZE;
         (start, (start + BLOCK_SIZE).min(self.size))
     }
+}
+
+/// Copies the disk of a snapshot (the overlay `src` and, if the snapshot
+/// commits one, its sealed layer) to the new overlay `dst`, for a sandbox
+/// started from that snapshot. The overlay's data is copied (holes kept);
+/// the sealed layer, never written again, is linked. A pending layer is
+/// not: it belongs to no snapshot.
+pub fn copy_snapshot_disk(
+    src: &Path,
+    dst: &Path,
+    sealed: Option<SealedLayer>,
+) -> Result<(), DiskError> {
+    let copy = |from: &Path, to: &Path| {
+        crate::fsutil::copy_sparse(from, to).map_err(|source| DiskError::io("copy", from, source))
+    };
+    copy(src, dst)?;
+    let meta = std::fs::read(meta_path(src))
+        .map_err(|source| DiskError::io("read", &meta_path(src), source))?;
+    meta::write_atomic(&meta_path(dst), &meta)?;
+    let merged = merged_path(src);
+    if merged.exists() {
+        copy(&merged, &merged_path(dst))?;
+    }
+    if let Some(sealed) = sealed {
+        for (from, to) in [
+            (
+                layer_path(src, sealed.generation),
+                layer_path(dst, sealed.generation),
+            ),
+            (
+                meta_path(&layer_path(src, sealed.generation)),
+                meta_path(&layer_path(dst, sealed.generation)),
+            ),
+        ] {
+            crate::fsutil::link_or_copy(&from, &to)
+                .map_err(|source| DiskError::io("link", &from, source))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where a block's current content is.

@@ -237,9 +237,7 @@ fn bitmap_bytes(bits: &[u64]) -> Vec<u8> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(SnapshotError::io("fsync the directory", dir))
+    crate::fsutil::sync_dir(dir).map_err(SnapshotError::io("fsync the directory", dir))
 }
 
 /// The generation after every one that has files in `dir` (a resumed
@@ -387,10 +385,49 @@ pub fn write(
     result
 }
 
+/// Copies the snapshot of `src` into the empty directory `dst` as a
+/// snapshot of the sandbox `sandbox` (a new one started from it, or a named
+/// snapshot): state and memory files are linked (they are never written
+/// after their pause, so every copy shares their data and page cache), the
+/// disk overlay named `disk` is copied (see
+/// [`copy_snapshot_disk`](crate::disk::copy_snapshot_disk)), and the
+/// manifest, naming the new sandbox, is written last. Returns it.
+pub fn copy_to(src: &Path, dst: &Path, sandbox: SandboxRecord) -> Result<Manifest, SnapshotError> {
+    let manifest = read_manifest(src)?;
+    let mut names = vec![manifest.state_file.clone()];
+    for layer in &manifest.memory {
+        names.push(layer.file.clone());
+        if layer.pages_crc32.is_some() {
+            names.push(pages_name(&layer.file));
+        }
+    }
+    for name in &names {
+        let from = src.join(name);
+        crate::fsutil::link_or_copy(&from, &dst.join(name))
+            .map_err(SnapshotError::io("link", &from))?;
+    }
+    crate::disk::copy_snapshot_disk(&src.join("disk"), &dst.join("disk"), manifest.disk_layer)
+        .map_err(|e| SnapshotError::Io {
+            what: "copy the disk of",
+            path: src.join("disk"),
+            source: std::io::Error::other(e),
+        })?;
+    let (manifest, json) = Manifest {
+        sandbox,
+        ..manifest
+    }
+    .seal();
+    let tmp = dst.join(format!("{MANIFEST}.tmp"));
+    write_synced(&tmp, &json)?;
+    std::fs::rename(&tmp, dst.join(MANIFEST))
+        .map_err(SnapshotError::io("rename into place", &tmp))?;
+    sync_dir(dst)?;
+    Ok(manifest)
+}
+
 /// The pages a snapshot's memory files hold (the base's data extents and
 /// the layers' pages) plus `dirty`.
 fn touched_pages(dir: &Path, on: &Manifest, dirty: &[u64]) -> Result<Vec<u64>, SnapshotError> {
-    use std::os::fd::AsRawFd;
     let mut pages = dirty.to_vec();
     let mut mark = |first: u64, end: u64| {
         for page in first..end {
@@ -404,29 +441,10 @@ fn touched_pages(dir: &Path, on: &Manifest, dirty: &[u64]) -> Result<Vec<u64>, S
     let base_path = dir.join(&on.memory[0].file);
     let base = File::open(&base_path).map_err(SnapshotError::io("open", &base_path))?;
     let len = on.memory_len;
-    let mut pos = 0u64;
-    while pos < len {
-        // SAFETY: lseek on a descriptor we own; no memory is involved.
-        let data = unsafe { libc::lseek(base.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after `pos`
-            }
-            return Err(SnapshotError::io("find the data of", &base_path)(err));
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(base.as_raw_fd(), data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            let err = std::io::Error::last_os_error();
-            return Err(SnapshotError::io("find the holes of", &base_path)(err));
-        }
-        let (data, hole) = (data as u64, (hole as u64).min(len));
-        if hole <= data {
-            break;
-        }
+    let extents = crate::fsutil::data_extents(&base, len)
+        .map_err(SnapshotError::io("find the data of", &base_path))?;
+    for (data, hole) in extents {
         mark(data / page, hole.div_ceil(page));
-        pos = hole;
     }
     for layer in &on.memory[1..] {
         let path = dir.join(pages_name(&layer.file));
