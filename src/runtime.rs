@@ -131,10 +131,23 @@ impl RuntimeInner {
     ) -> Result<PathBuf> {
         let mem_mib = config.memory_mib.unwrap_or(template.manifest.mem_mib);
         let vcpus = config.vcpus.unwrap_or(template.manifest.vcpus);
+        // The files' identity too: a manifest's hashes are of build inputs,
+        // and an image can be replaced under an unchanged manifest.
+        let identity = |path: &Path| {
+            std::fs::metadata(path).map_or_else(
+                |_| "-".to_owned(),
+                |m| {
+                    use std::os::unix::fs::MetadataExt;
+                    format!("{}:{}:{}.{}", m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+                },
+            )
+        };
         let key = format!(
-            "{}/{}/{mem_mib}/{vcpus}/{}/{}",
+            "{}/{}/{}/{}/{mem_mib}/{vcpus}/{}/{}",
             template.manifest.kernel_hash,
             template.manifest.rootfs_hash,
+            identity(&template.kernel_path()),
+            identity(&template.rootfs_path()),
             snap::VERSION,
             serde_json::to_string(&HostProfile::current(self.host)).expect("serialises"),
         );

@@ -618,10 +618,17 @@ pub fn copy_snapshot_disk(
         .map_err(|source| DiskError::io("read", &meta_path(src), source))?;
     meta::write_atomic(&meta_path(dst), &meta)?;
     let merged = merged_path(src);
-    if merged.exists() {
-        copy(&merged, &merged_path(dst))?;
-    }
-    if let Some(sealed) = sealed {
+    let merged_generation = match std::fs::read_to_string(&merged) {
+        Ok(text) => {
+            copy(&merged, &merged_path(dst))?;
+            text.trim().parse::<u64>().ok()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(DiskError::io("read", &merged, source)),
+    };
+    // A layer already applied to the overlay (a snapshot of a sandbox that
+    // ran on) is not needed, and gone.
+    if let Some(sealed) = sealed.filter(|s| Some(s.generation) != merged_generation) {
         for (from, to) in [
             (
                 layer_path(src, sealed.generation),

@@ -1,0 +1,302 @@
+//! The runtime's lifecycle: sandboxes created from the template's snapshot,
+//! named snapshots, fork, list/info with filters and pagination.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{runtime, TEMPLATE};
+use dormouse::{Error, ListQuery, Running, Sandbox, SandboxConfig, SandboxState};
+
+/// Every guest call of these tests is bounded: a dead guest fails the test.
+const LIMIT: Duration = Duration::from_secs(300);
+
+async fn code(sbx: &Sandbox<Running>, src: &str) -> String {
+    let out = tokio::time::timeout(LIMIT, sbx.run_code(src))
+        .await
+        .expect("run_code within the limit")
+        .expect("run_code");
+    assert!(out.error.is_none(), "{src}: {out:?}");
+    out.stdout
+}
+
+async fn sh(sbx: &Sandbox<Running>, cmd: &str) -> String {
+    let out = tokio::time::timeout(LIMIT, sbx.commands().run(cmd))
+        .await
+        .expect("command within the limit")
+        .expect("command");
+    assert_eq!(out.exit_code, 0, "{cmd}: {out:?}");
+    out.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_forks_start_independent_copies() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(rt) = runtime(state.path()).await else {
+        return;
+    };
+    // The first create boots the template once and snapshots it; the
+    // second starts from that snapshot.
+    let t = Instant::now();
+    let mut parent = rt
+        .create(
+            TEMPLATE,
+            SandboxConfig::default().metadata("role", "parent"),
+        )
+        .await
+        .expect("create");
+    eprintln!("first create (boots the template): {:.2?}", t.elapsed());
+    let t = Instant::now();
+    let other = rt
+        .create(TEMPLATE, SandboxConfig::default())
+        .await
+        .expect("create");
+    eprintln!("second create (from the snapshot): {:.2?}", t.elapsed());
+    assert_eq!(sh(&other, "echo ready").await, "ready\n");
+    assert_eq!(
+        std::fs::read_dir(state.path().join("template-snapshots"))
+            .unwrap()
+            .filter(|e| !e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.'))
+            .count(),
+        1,
+        "one template snapshot"
+    );
+    other.kill().await.unwrap();
+
+    code(&parent, "x = 42").await;
+    sh(&parent, "echo parent > /root/file && sync").await;
+
+    // Fork into 4: each sees the parent's variable and file, then diverges.
+    let t = Instant::now();
+    let children = parent.fork(4).await.expect("fork");
+    eprintln!("fork into 4: {:.2?}", t.elapsed());
+    assert_eq!(children.len(), 4);
+    for (i, child) in children.iter().enumerate() {
+        assert_ne!(child.id(), parent.id());
+        assert_eq!(
+            child.metadata().get("role").map(String::as_str),
+            Some("parent")
+        );
+        assert_eq!(code(child, "print(x)").await, "42\n");
+        assert_eq!(sh(child, "cat /root/file").await, "parent\n");
+        code(child, &format!("x = {i}")).await;
+        sh(child, &format!("echo child{i} > /root/file && sync")).await;
+    }
+    for (i, child) in children.iter().enumerate() {
+        assert_eq!(code(child, "print(x)").await, format!("{i}\n"));
+        assert_eq!(sh(child, "cat /root/file").await, format!("child{i}\n"));
+    }
+    assert_eq!(
+        code(&parent, "print(x)").await,
+        "42\n",
+        "the parent runs on"
+    );
+    assert_eq!(sh(&parent, "cat /root/file").await, "parent\n");
+    assert!(
+        std::fs::read_dir(state.path().join("snapshots"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "fork keeps no snapshot"
+    );
+
+    // A named snapshot: listed, started twice, deleted while its sandboxes
+    // run (they keep working, pause and resume).
+    code(&parent, "x = 7").await;
+    let info = parent.snapshot("seven").await.expect("snapshot");
+    assert_eq!(info.name, "seven");
+    assert!(matches!(
+        parent.snapshot("seven").await,
+        Err(Error::SnapshotExists { .. })
+    ));
+    assert!(matches!(
+        parent.snapshot("../evil").await,
+        Err(Error::InvalidConfig(_))
+    ));
+    code(&parent, "x = 8").await;
+    let names: Vec<String> = rt
+        .list_snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["seven"]);
+    let copies = rt
+        .create_from_snapshot("seven", 2)
+        .await
+        .expect("create_from_snapshot");
+    rt.delete_snapshot("seven").await.expect("delete_snapshot");
+    assert!(rt.list_snapshots().await.unwrap().is_empty());
+    assert!(matches!(
+        rt.create_from_snapshot("seven", 1).await,
+        Err(Error::SnapshotNotFound { .. })
+    ));
+    assert!(matches!(
+        rt.delete_snapshot("seven").await,
+        Err(Error::SnapshotNotFound { .. })
+    ));
+    for copy in copies {
+        assert_eq!(code(&copy, "print(x)").await, "7\n");
+        code(&copy, "x += 1000").await;
+        let paused = copy
+            .pause()
+            .await
+            .expect("pause a copy of a deleted snapshot");
+        let copy = paused.resume().await.expect("resume it");
+        assert_eq!(code(&copy, "print(x)").await, "1007\n");
+        copy.kill().await.unwrap();
+    }
+    assert_eq!(code(&parent, "print(x)").await, "8\n");
+
+    // The parent's own pause/resume still works after snapshots.
+    let parent = parent
+        .pause()
+        .await
+        .expect("pause")
+        .resume()
+        .await
+        .expect("resume");
+    assert_eq!(code(&parent, "print(x)").await, "8\n");
+    for child in children {
+        child.kill().await.unwrap();
+    }
+    parent.kill().await.unwrap();
+    assert_eq!(
+        std::fs::read_dir(state.path().join("sandboxes"))
+            .unwrap()
+            .count(),
+        0,
+        "killed sandboxes leave nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_filters_and_paginates_across_runtimes() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(rt) = runtime(state.path()).await else {
+        return;
+    };
+    // 25 sandboxes: 15 paused (handles dropped, as by an exiting process),
+    // 10 running.
+    let mut running = Vec::new();
+    let mut paused_ids = Vec::new();
+    for i in 0..25 {
+        let config = SandboxConfig::default()
+            .metadata("group", format!("g{}", i % 3))
+            .metadata("n", i.to_string());
+        let sbx = tokio::time::timeout(LIMIT, rt.create(TEMPLATE, config))
+            .await
+            .expect("create within the limit")
+            .expect("create");
+        if i % 5 < 3 {
+            paused_ids.push(sbx.id().to_string());
+            drop(sbx.pause().await.expect("pause"));
+        } else {
+            running.push(sbx);
+        }
+    }
+    assert_eq!(paused_ids.len(), 15);
+
+    async fn all(rt: &dormouse::Runtime, query: ListQuery) -> Vec<dormouse::SandboxInfo> {
+        let mut query = query.limit(4);
+        let mut out = Vec::new();
+        loop {
+            let page = rt.list(query.clone()).await.expect("list");
+            assert!(page.sandboxes.len() <= 4);
+            out.extend(page.sandboxes);
+            match page.next_token {
+                Some(token) => query = query.next_token(token),
+                None => return out,
+            }
+        }
+    }
+    let everything = all(&rt, ListQuery::default()).await;
+    assert_eq!(everything.len(), 25);
+    assert!(everything
+        .windows(2)
+        .all(|w| (w[0].started_at_ms, &w[0].id) < (w[1].started_at_ms, &w[1].id)));
+    let paused = all(&rt, ListQuery::default().state([SandboxState::Paused])).await;
+    let mut ids: Vec<String> = paused.iter().map(|s| s.id.clone()).collect();
+    ids.sort();
+    let mut want = paused_ids.clone();
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(paused.iter().all(|s| s.paused_at_ms.is_some()));
+    let live = all(&rt, ListQuery::default().state([SandboxState::Running])).await;
+    assert_eq!(live.len(), 10);
+    let g1 = all(&rt, ListQuery::default().metadata("group", "g1")).await;
+    assert_eq!(g1.len(), 8); // 1, 4, ..., 22
+    let g1_paused = all(
+        &rt,
+        ListQuery::default()
+            .metadata("group", "g1")
+            .state([SandboxState::Paused]),
+    )
+    .await;
+    assert!(g1_paused
+        .iter()
+        .all(|s| s.metadata["group"] == "g1" && s.state == SandboxState::Paused));
+    assert_eq!(
+        g1_paused.len(),
+        (0..25).filter(|i| i % 3 == 1 && i % 5 < 3).count()
+    );
+    assert!(matches!(
+        rt.list(ListQuery::default().next_token("not a token"))
+            .await,
+        Err(Error::InvalidConfig(_))
+    ));
+
+    // info by id, in each state; unknown ids are NotFound.
+    let info = rt.info(&paused_ids[0]).await.unwrap();
+    assert_eq!(info.state, SandboxState::Paused);
+    assert_eq!(info.template, TEMPLATE);
+    assert!(info.memory_mib > 0 && info.disk_mib > 0);
+    let info = rt.info(running[0].id().as_str()).await.unwrap();
+    assert_eq!(info.state, SandboxState::Running);
+    assert_eq!(&info, running[0].info());
+    for bad in ["00000000000000000000", "nope", "../../etc"] {
+        assert!(
+            matches!(rt.info(bad).await, Err(Error::NotFound { .. })),
+            "{bad}"
+        );
+    }
+
+    // Another runtime on the same directory (as a new process would) sees
+    // the paused ones and resumes one by id.
+    drop(running.pop());
+    let rt2 = dormouse::Runtime::open(state.path()).await.unwrap();
+    let paused2 = all(&rt2, ListQuery::default().state([SandboxState::Paused])).await;
+    assert_eq!(paused2.len(), 15);
+    let sbx = rt2.connect(&paused_ids[3]).await.expect("connect");
+    assert_eq!(sh(&sbx, "echo back").await, "back\n");
+    assert_eq!(
+        rt.info(&paused_ids[3]).await.unwrap().state,
+        SandboxState::Running
+    );
+    assert_eq!(sbx.metadata()["n"], "5");
+
+    // Kill: running through the handle, paused by id; then nothing is left.
+    sbx.kill().await.unwrap();
+    for s in running {
+        s.kill().await.unwrap();
+    }
+    for id in paused_ids.iter().filter(|id| **id != paused_ids[3]) {
+        rt.kill(id).await.unwrap();
+    }
+    assert!(matches!(
+        rt.kill(&paused_ids[0]).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(rt
+        .list(ListQuery::default())
+        .await
+        .unwrap()
+        .sandboxes
+        .is_empty());
+}
