@@ -443,3 +443,40 @@ fn random_reads_and_writes_match_a_model_across_reopens() {
     assert_eq!(read(&disk, 0, size as usize), model);
     assert_eq!(std::fs::read(&base).unwrap(), pattern(0, size as usize));
 }
+
+#[test]
+fn a_committed_snapshot_of_a_running_disk_is_copied_whole_and_stays_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = make_base(dir.path(), 1 << 20);
+    let overlay = dir.path().join("o");
+    let mut disk = CowDisk::create(&base, &overlay).unwrap();
+    disk.write_at(&[1; 4096], 0).unwrap();
+    let first = disk.seal(1).unwrap().expect("a layer");
+    disk.commit(first).unwrap();
+    assert!(!dir.path().join("o.layer-1").exists(), "applied and deleted");
+    // Writes after the snapshot go to a new pending layer...
+    disk.write_at(&[2; 4096], 0).unwrap();
+    disk.write_at(&[3; 4096], 8192).unwrap();
+    // ...and the snapshot's copy (taken before they are sealed) has none.
+    let copy = dir.path().join("copy");
+    copy_snapshot_disk(&overlay, &copy, Some(first)).unwrap();
+    let copied = CowDisk::open(&base, &copy, Some(first)).unwrap();
+    assert_eq!(read(&copied, 0, 4096), vec![1; 4096]);
+    assert_eq!(read(&copied, 8192, 4096), pattern(8192, 4096));
+    assert_eq!(read(&disk, 0, 4096), vec![2; 4096]);
+
+    // A snapshot whose layer is not applied yet (a paused sandbox): the
+    // copy gets the layer and applies it when opened.
+    let second = disk.seal(2).unwrap().expect("a layer");
+    drop(disk);
+    let copy2 = dir.path().join("copy2");
+    copy_snapshot_disk(&overlay, &copy2, Some(second)).unwrap();
+    let copied2 = CowDisk::open(&base, &copy2, Some(second)).unwrap();
+    assert_eq!(read(&copied2, 0, 4096), vec![2; 4096]);
+    assert_eq!(read(&copied2, 8192, 4096), vec![3; 4096]);
+    // The source still opens as its own snapshot.
+    let disk = CowDisk::open(&base, &overlay, Some(second)).unwrap();
+    assert_eq!(read(&disk, 8192, 4096), vec![3; 4096]);
+    // And the first copy never saw any of it.
+    assert_eq!(read(&copied, 0, 4096), vec![1; 4096]);
+}
