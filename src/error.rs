@@ -139,6 +139,19 @@ pub enum Error {
         /// The id.
         id: String,
     },
+    /// The sandbox is paused already (the id-based [`Runtime::pause`](crate::Runtime::pause)).
+    #[error("sandbox {id} is already paused; resume it with Runtime::connect")]
+    AlreadyPaused {
+        /// The id.
+        id: String,
+    },
+    /// This handle's sandbox was paused under it: its timeout ran out with
+    /// auto-pause on, or it was paused by id. It is intact; resume it by id.
+    #[error("sandbox {id} was paused (its timeout ran out with auto-pause, or it was paused by id); this handle is spent: resume it with Runtime::connect({id:?})")]
+    SandboxPaused {
+        /// The id.
+        id: String,
+    },
     /// Another handle (in this process or another one) holds the sandbox.
     #[error("sandbox {id} is in use by another handle or process; drop that handle first")]
     Busy {

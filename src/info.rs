@@ -65,9 +65,45 @@ pub struct SandboxInfo {
     pub memory_mib: u32,
     /// Disk size in MiB.
     pub disk_mib: u64,
+    /// The timeout it was created with, in ms: how long it runs after a
+    /// create or resume before [`SandboxInfo::auto_pause`] applies.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// At its timeout: paused if true, killed if false.
+    #[serde(default)]
+    pub auto_pause: bool,
+    /// While running: when its timeout (or the runtime's maximum running
+    /// time) ends, in ms since the Unix epoch.
+    #[serde(default)]
+    pub end_at_ms: Option<u64>,
+}
+
+fn default_timeout_ms() -> u64 {
+    crate::sandbox::DEFAULT_TIMEOUT.as_millis() as u64
 }
 
 impl SandboxInfo {
+    /// What a paused sandbox whose record file is missing or damaged is
+    /// known as, from its snapshot's manifest.
+    pub(crate) fn of_snapshot(manifest: &crate::snapshot::Manifest, disk_mib: u64) -> Self {
+        let record = &manifest.sandbox;
+        SandboxInfo {
+            id: record.id.clone(),
+            template: record.template.clone(),
+            state: SandboxState::Paused,
+            metadata: BTreeMap::new(),
+            created_at_ms: manifest.paused_at_ms,
+            started_at_ms: manifest.paused_at_ms,
+            paused_at_ms: Some(manifest.paused_at_ms),
+            vcpus: record.vcpus,
+            memory_mib: record.mem_mib,
+            disk_mib,
+            timeout_ms: default_timeout_ms(),
+            auto_pause: false,
+            end_at_ms: None,
+        }
+    }
+
     /// When it was created.
     pub fn created_at(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.created_at_ms)
@@ -304,6 +340,9 @@ mod tests {
             vcpus: 1,
             memory_mib: 512,
             disk_mib: 1024,
+            timeout_ms: 300_000,
+            auto_pause: false,
+            end_at_ms: None,
         }
     }
 

@@ -1,12 +1,14 @@
 //! The runtime: a state directory, where templates are found, and the
 //! sandboxes created from them.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::info::{self, ListQuery, SandboxInfo, SandboxPage, SandboxState, SnapshotInfo};
-use crate::sandbox::{self, Paused, Running, Sandbox, SandboxConfig, SandboxId};
+use crate::sandbox::{self, Live, Paused, Running, Sandbox, SandboxConfig, SandboxId};
 use crate::snapshot::{self as snap, SandboxRecord};
 use crate::template::Template;
 use crate::vmm::cpu::{HostKind, HostProfile};
@@ -15,6 +17,13 @@ use crate::vmm::cpu::{HostKind, HostProfile};
 pub const TEMPLATE_PATH_ENV: &str = "DORMOUSE_TEMPLATE_PATH";
 /// Environment variable: the build cache of `guest/build.sh`.
 pub const CACHE_ENV: &str = "DORMOUSE_CACHE";
+/// The longest a sandbox runs without a pause unless
+/// [`RuntimeBuilder::max_running_time`] says otherwise.
+pub const DEFAULT_MAX_RUNNING: Duration = Duration::from_secs(24 * 3600);
+/// How old a sandbox directory with neither a snapshot nor a live handle
+/// must be before a sweep deletes it (a creation that crashed; younger ones
+/// may be a creation in progress in another process).
+const ABANDONED_AFTER: Duration = Duration::from_secs(600);
 
 /// Entry point of the library: owns a state directory in which every
 /// sandbox keeps its files (`<dir>/sandboxes/<id>/`).
@@ -29,12 +38,27 @@ pub struct Runtime {
     inner: Arc<RuntimeInner>,
 }
 
-#[derive(Debug)]
 pub(crate) struct RuntimeInner {
     pub(crate) dir: PathBuf,
     template_dirs: Vec<PathBuf>,
     pub(crate) kvm_path: PathBuf,
     pub(crate) host: HostKind,
+    /// The longest a sandbox runs without a pause (then its timeout action
+    /// applies), if limited.
+    pub(crate) max_running: Option<Duration>,
+    /// How long paused sandboxes are kept, if not until killed.
+    retention: Option<Duration>,
+    /// The sandboxes running under a handle of this runtime, by id.
+    registry: Mutex<HashMap<String, Weak<Live>>>,
+}
+
+impl std::fmt::Debug for RuntimeInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeInner")
+            .field("dir", &self.dir)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Options for opening a [`Runtime`].
@@ -43,6 +67,8 @@ pub struct RuntimeBuilder {
     dir: PathBuf,
     template_dirs: Vec<PathBuf>,
     kvm_path: PathBuf,
+    max_running: Option<Duration>,
+    retention: Option<Duration>,
 }
 
 impl RuntimeBuilder {
@@ -58,7 +84,25 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Creates the state directory if needed and opens the runtime.
+    /// Limits how long a sandbox runs without a pause (default
+    /// [`DEFAULT_MAX_RUNNING`]): then it is paused if it was created with
+    /// auto-pause, else killed, whatever its timeout says. Pausing and
+    /// resuming starts the count again.
+    pub fn max_running_time(mut self, max: Option<Duration>) -> Self {
+        self.max_running = max;
+        self
+    }
+
+    /// Deletes paused sandboxes `retention` after their pause (default:
+    /// kept until killed), at [`open`](Self::open) and at every
+    /// [`Runtime::sweep`].
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = Some(retention);
+        self
+    }
+
+    /// Creates the state directory if needed and opens the runtime. Sweeps
+    /// it (see [`Runtime::sweep`]).
     pub async fn open(self) -> Result<Runtime> {
         for sub in ["sandboxes", "snapshots", "template-snapshots"] {
             let path = self.dir.join(sub);
@@ -76,14 +120,19 @@ impl RuntimeBuilder {
                 .extend(std::env::split_paths(&paths).filter(|p| !p.as_os_str().is_empty()));
         }
         template_dirs.push(default_cache_dir().join("templates"));
-        Ok(Runtime {
+        let rt = Runtime {
             inner: Arc::new(RuntimeInner {
                 dir: self.dir,
                 template_dirs,
                 kvm_path: self.kvm_path,
                 host: HostKind::detect(),
+                max_running: self.max_running,
+                retention: self.retention,
+                registry: Mutex::new(HashMap::new()),
             }),
-        })
+        };
+        rt.sweep().await?;
+        Ok(rt)
     }
 }
 
@@ -109,6 +158,28 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl RuntimeInner {
+    /// Records that `live` runs under a handle of this runtime.
+    pub(crate) fn register(&self, id: &SandboxId, live: &Arc<Live>) {
+        let mut registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        registry.retain(|_, l| l.strong_count() > 0);
+        registry.insert(id.to_string(), Arc::downgrade(live));
+    }
+
+    /// The sandbox `id` if it runs under a handle of this runtime.
+    fn running(&self, id: &str) -> Option<Arc<Live>> {
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        registry
+            .get(id)
+            .and_then(Weak::upgrade)
+            .filter(|live| live.is_running())
+    }
+
     /// The directory of the named snapshot `name` (which need not exist).
     pub(crate) fn snapshot_dir(&self, name: &str) -> Result<PathBuf> {
         if !valid_name(name) {
@@ -242,6 +313,8 @@ impl Runtime {
             dir: dir.as_ref().to_path_buf(),
             template_dirs: Vec::new(),
             kvm_path: PathBuf::from("/dev/kvm"),
+            max_running: Some(DEFAULT_MAX_RUNNING),
+            retention: None,
         }
     }
 
@@ -280,7 +353,7 @@ impl Runtime {
     pub async fn create(&self, template: &str, config: SandboxConfig) -> Result<Sandbox<Running>> {
         let template = self.template(template)?;
         let source = self.inner.template_snapshot(&template, &config).await?;
-        Sandbox::start_from(self.inner.clone(), source, config.metadata).await
+        Sandbox::start_from(self.inner.clone(), source, config).await
     }
 
     /// Starts `n` sandboxes from the named snapshot `name` (see
@@ -300,7 +373,11 @@ impl Runtime {
             name: name.to_owned(),
         };
         let info = info::read_snapshot(&dir).ok_or_else(not_found)?;
-        start_many(&self.inner, dir, n, info.metadata).await
+        let config = SandboxConfig {
+            metadata: info.metadata,
+            ..SandboxConfig::default()
+        };
+        start_many(&self.inner, dir, n, config).await
     }
 
     /// The named snapshots, by name.
@@ -403,6 +480,16 @@ impl Runtime {
         Ok(self.paused(id).await?.resume().await?)
     }
 
+    /// [`connect`](Self::connect) with a timeout other than the one the
+    /// sandbox was created with, from now on.
+    pub async fn connect_with_timeout(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Sandbox<Running>> {
+        Ok(self.paused(id).await?.resume_with_timeout(timeout).await?)
+    }
+
     /// A handle on the paused sandbox `id`, without resuming it.
     pub async fn paused(&self, id: &str) -> Result<Sandbox<Paused>> {
         let rt = self.inner.clone();
@@ -415,11 +502,116 @@ impl Runtime {
             })?
     }
 
-    /// Deletes the paused sandbox `id` and all its files. A running sandbox
-    /// is killed through its handle ([`Sandbox::kill`]); this gives
-    /// [`Error::Busy`] for it.
+    /// Pauses the sandbox `id`, running under a handle of this runtime, as
+    /// [`Sandbox::pause`] does; that handle is spent (its calls give
+    /// [`Error::SandboxPaused`]) and the sandbox can be resumed by id.
+    ///
+    /// [`Error::AlreadyPaused`] if it is paused, [`Error::NotFound`] for an
+    /// unknown or killed id, [`Error::Busy`] if another process runs it.
+    pub async fn pause(&self, id: &str) -> Result<()> {
+        if let Some(live) = self.inner.running(id) {
+            return live.pause(true).await;
+        }
+        match self.info(id).await?.state {
+            SandboxState::Paused => Err(Error::AlreadyPaused { id: id.to_owned() }),
+            _ => Err(Error::Busy { id: id.to_owned() }),
+        }
+    }
+
+    /// Sets the timeout of the sandbox `id`, running under a handle of this
+    /// runtime (see [`Sandbox::set_timeout`]).
+    ///
+    /// [`Error::SandboxPaused`] if it is paused, [`Error::NotFound`] for an
+    /// unknown or killed id, [`Error::Busy`] if another process runs it.
+    pub async fn set_timeout(&self, id: &str, timeout: Duration) -> Result<()> {
+        if let Some(live) = self.inner.running(id) {
+            return live.set_timeout(timeout);
+        }
+        match self.info(id).await?.state {
+            SandboxState::Paused => Err(Error::SandboxPaused { id: id.to_owned() }),
+            _ => Err(Error::Busy { id: id.to_owned() }),
+        }
+    }
+
+    /// Kills the sandbox `id` and deletes all its files: a paused one, or
+    /// one running under a handle of this runtime (that handle is spent:
+    /// its calls give [`Error::NotFound`]).
+    ///
+    /// [`Error::NotFound`] for an unknown or killed id, [`Error::Busy`] if
+    /// another process (or a handle on it paused) holds it.
     pub async fn kill(&self, id: &str) -> Result<()> {
+        if let Some(live) = self.inner.running(id) {
+            return live.kill().await;
+        }
         self.paused(id).await?.kill().await
+    }
+
+    /// Deletes what no one will use: paused sandboxes whose retention
+    /// period (see [`RuntimeBuilder::retention`]) has ended, and sandbox
+    /// directories a crashed creation left (no snapshot, no handle). Runs
+    /// at [`open`](Self::open); call it now and then to apply retention in
+    /// a long-lived process. Returns the ids deleted.
+    pub async fn sweep(&self) -> Result<Vec<String>> {
+        let dir = self.inner.dir.join("sandboxes");
+        let retention = self.inner.retention;
+        let candidates = tokio::task::spawn_blocking(move || -> Result<Vec<(String, bool)>> {
+            let entries = std::fs::read_dir(&dir)
+                .map_err(Error::io(format!("cannot list {}", dir.display())))?;
+            let now = crate::fsutil::now_ms();
+            let mut doomed = Vec::new();
+            for entry in entries.flatten() {
+                let Some(id) = entry.file_name().to_str().and_then(SandboxId::parse) else {
+                    continue;
+                };
+                let path = entry.path();
+                if sandbox::is_held(&path) {
+                    continue;
+                }
+                if snap::exists(&path) {
+                    let expired = retention.is_some_and(|keep| {
+                        snap::read_manifest(&path).is_ok_and(|m| {
+                            m.paused_at_ms.saturating_add(keep.as_millis() as u64) <= now
+                        })
+                    });
+                    if expired {
+                        doomed.push((id.to_string(), true));
+                    }
+                } else {
+                    let age = entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok());
+                    if age.is_some_and(|age| age >= ABANDONED_AFTER) {
+                        doomed.push((id.to_string(), false));
+                    }
+                }
+            }
+            Ok(doomed)
+        })
+        .await
+        .map_err(|e| Error::io("the sweep task failed")(std::io::Error::other(e)))??;
+        let mut deleted = Vec::new();
+        for (id, paused) in candidates {
+            let result = if paused {
+                self.kill(&id).await
+            } else {
+                let path = self.inner.dir.join("sandboxes").join(&id);
+                tokio::fs::remove_dir_all(&path)
+                    .await
+                    .map_err(Error::io(format!("cannot delete {}", path.display())))
+            };
+            match result {
+                Ok(()) => deleted.push(id),
+                // Resumed or deleted by someone else meanwhile.
+                Err(Error::Busy { .. } | Error::NotFound { .. }) => {}
+                Err(e) => log::warn!("sweep: cannot delete sandbox {id}: {e}"),
+            }
+        }
+        if !deleted.is_empty() {
+            log::info!("sweep deleted {} sandboxes: {deleted:?}", deleted.len());
+        }
+        Ok(deleted)
     }
 }
 
@@ -435,27 +627,10 @@ fn current_info(dir: &Path) -> Option<SandboxInfo> {
         return None;
     }
     let manifest = snap::read_manifest(dir).ok()?;
-    let mut info =
-        info::read(dir).unwrap_or_else(|| paused_info(&manifest.sandbox, manifest.paused_at_ms));
+    let mut info = info::read(dir).unwrap_or_else(|| SandboxInfo::of_snapshot(&manifest, 0));
     info.state = SandboxState::Paused;
     info.paused_at_ms = Some(manifest.paused_at_ms);
     Some(info)
-}
-
-/// What a paused sandbox without a record file is known as.
-fn paused_info(record: &SandboxRecord, paused_at_ms: u64) -> SandboxInfo {
-    SandboxInfo {
-        id: record.id.clone(),
-        template: record.template.clone(),
-        state: SandboxState::Paused,
-        metadata: Default::default(),
-        created_at_ms: paused_at_ms,
-        started_at_ms: paused_at_ms,
-        paused_at_ms: Some(paused_at_ms),
-        vcpus: record.vcpus,
-        memory_mib: record.mem_mib,
-        disk_mib: 0,
-    }
 }
 
 /// Runs the futures concurrently and collects their outputs in order.
@@ -493,9 +668,9 @@ pub(crate) async fn start_many(
     rt: &Arc<RuntimeInner>,
     dir: PathBuf,
     n: usize,
-    metadata: std::collections::BTreeMap<String, String>,
+    config: SandboxConfig,
 ) -> Result<Vec<Sandbox<Running>>> {
-    let starts = (0..n).map(|_| Sandbox::start_from(rt.clone(), dir.clone(), metadata.clone()));
+    let starts = (0..n).map(|_| Sandbox::start_from(rt.clone(), dir.clone(), config.clone()));
     let mut started = Vec::with_capacity(n);
     let mut first_error = None;
     for result in futures_join_all(starts).await {

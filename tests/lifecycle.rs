@@ -259,7 +259,7 @@ async fn list_filters_and_paginates_across_runtimes() {
     assert!(info.memory_mib > 0 && info.disk_mib > 0);
     let info = rt.info(running[0].id().as_str()).await.unwrap();
     assert_eq!(info.state, SandboxState::Running);
-    assert_eq!(&info, running[0].info());
+    assert_eq!(info, running[0].info());
     for bad in ["00000000000000000000", "nope", "../../etc"] {
         assert!(
             matches!(rt.info(bad).await, Err(Error::NotFound { .. })),
@@ -299,4 +299,219 @@ async fn list_filters_and_paginates_across_runtimes() {
         .unwrap()
         .sandboxes
         .is_empty());
+}
+
+/// Polls `rt.info(id)` until `done` says so (at most a minute).
+async fn wait_for(
+    rt: &dormouse::Runtime,
+    id: &str,
+    what: &str,
+    done: impl Fn(&dormouse::Result<dormouse::SandboxInfo>) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        let info = rt.info(id).await;
+        if done(&info) {
+            eprintln!("{id}: {what} after {:.1?}", start.elapsed());
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{id}: never {what}: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn is_paused(info: &dormouse::Result<dormouse::SandboxInfo>) -> bool {
+    matches!(info, Ok(i) if i.state == SandboxState::Paused)
+}
+
+/// A call on a handle whose sandbox was taken fails at once, never hangs.
+async fn spent<T: std::fmt::Debug>(
+    call: impl std::future::Future<Output = dormouse::Result<T>>,
+) -> Error {
+    tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("a spent handle answers at once")
+        .expect_err("a spent handle cannot act")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_kill_or_auto_pause_and_resume_resets_them() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(rt) = runtime(state.path()).await else {
+        return;
+    };
+    let short = Duration::from_secs(3);
+    let doomed = rt
+        .create(TEMPLATE, SandboxConfig::default().timeout(short))
+        .await
+        .expect("create");
+    let sleeper = rt
+        .create(
+            TEMPLATE,
+            SandboxConfig::default().timeout(short).auto_pause(true),
+        )
+        .await
+        .expect("create");
+    let (doomed_id, id) = (doomed.id().to_string(), sleeper.id().to_string());
+    assert!(sleeper.info().auto_pause);
+    let end = sleeper
+        .info()
+        .end_at_ms
+        .expect("a running sandbox has an end");
+    assert!(end > sleeper.info().started_at_ms);
+    // Keep the auto-pausing one busy in memory and on disk.
+    code(&sleeper, "x = 42").await;
+    sh(&sleeper, "echo kept > /root/kept && sync").await;
+
+    wait_for(&rt, &doomed_id, "killed at its timeout", |i| {
+        matches!(i, Err(Error::NotFound { .. }))
+    })
+    .await;
+    wait_for(&rt, &id, "paused at its timeout", is_paused).await;
+    assert!(!state.path().join("sandboxes").join(&doomed_id).exists());
+    // The handles are spent: typed errors at once.
+    let e = spent(doomed.commands().run("true")).await;
+    assert!(matches!(e, Error::NotFound { .. }), "{e}");
+    let e = spent(sleeper.run_code("print(x)")).await;
+    assert!(matches!(e, Error::SandboxPaused { .. }), "{e}");
+    assert!(e.to_string().contains("Runtime::connect"), "{e}");
+    let e = spent(sleeper.files().read("/root/kept")).await;
+    assert!(matches!(e, Error::SandboxPaused { .. }), "{e}");
+    assert!(matches!(
+        sleeper.set_timeout(short),
+        Err(Error::SandboxPaused { .. })
+    ));
+    assert!(matches!(
+        rt.pause(&id).await,
+        Err(Error::AlreadyPaused { .. })
+    ));
+    assert!(matches!(
+        rt.set_timeout(&id, short).await,
+        Err(Error::SandboxPaused { .. })
+    ));
+    drop((doomed, sleeper)); // spent handles delete nothing
+
+    // Connect resumes it with its state; the timeout starts again and
+    // auto-pause holds after the resume.
+    let sbx = rt.connect(&id).await.expect("connect");
+    assert_eq!(code(&sbx, "print(x)").await, "42\n");
+    assert_eq!(sh(&sbx, "cat /root/kept").await, "kept\n");
+    let info = sbx.info();
+    assert_eq!(info.state, SandboxState::Running);
+    assert!(
+        info.end_at_ms.unwrap() <= info.started_at_ms + 3_100,
+        "{info:?}"
+    );
+    wait_for(&rt, &id, "paused again at its timeout", is_paused).await;
+    drop(sbx);
+
+    // A timeout given at connect, then changed by set_timeout (by id).
+    let sbx = rt
+        .connect_with_timeout(&id, Duration::from_secs(600))
+        .await
+        .expect("connect");
+    let info = sbx.info();
+    assert!(
+        info.end_at_ms.unwrap() >= info.started_at_ms + 590_000,
+        "{info:?}"
+    );
+    assert!(matches!(
+        sbx.set_timeout(Duration::ZERO),
+        Err(Error::InvalidConfig(_))
+    ));
+    rt.set_timeout(&id, Duration::from_secs(2)).await.unwrap();
+    wait_for(&rt, &id, "paused at the new timeout", is_paused).await;
+    let e = spent(sbx.commands().run("true")).await;
+    assert!(matches!(e, Error::SandboxPaused { .. }), "{e}");
+    drop(sbx);
+
+    // Pause and kill by id take a running sandbox from its handle.
+    let sbx = rt
+        .connect_with_timeout(&id, Duration::from_secs(600))
+        .await
+        .unwrap();
+    rt.pause(&id).await.expect("pause by id");
+    assert!(matches!(
+        spent(sbx.commands().run("true")).await,
+        Error::SandboxPaused { .. }
+    ));
+    let sbx2 = rt.connect(&id).await.expect("resume after a pause by id");
+    assert_eq!(code(&sbx2, "print(x)").await, "42\n");
+    rt.kill(&id).await.expect("kill by id");
+    assert!(matches!(
+        spent(sbx2.commands().run("true")).await,
+        Error::NotFound { .. }
+    ));
+    assert!(matches!(rt.info(&id).await, Err(Error::NotFound { .. })));
+    drop((sbx, sbx2));
+
+    // The runtime's maximum running time overrides a long timeout.
+    let capped = dormouse::Runtime::builder(state.path())
+        .max_running_time(Some(Duration::from_secs(4)))
+        .open()
+        .await
+        .unwrap();
+    let sbx = capped
+        .create(
+            TEMPLATE,
+            SandboxConfig::default()
+                .timeout(Duration::from_secs(3600))
+                .auto_pause(true),
+        )
+        .await
+        .unwrap();
+    let capped_id = sbx.id().to_string();
+    let info = sbx.info();
+    assert!(
+        info.end_at_ms.unwrap() <= info.started_at_ms + 4_100,
+        "{info:?}"
+    );
+    wait_for(
+        &capped,
+        &capped_id,
+        "paused at the maximum running time",
+        is_paused,
+    )
+    .await;
+    drop(sbx);
+    capped.kill(&capped_id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_only_expired_paused_sandboxes() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(rt) = runtime(state.path()).await else {
+        return;
+    };
+    let old = rt.create(TEMPLATE, SandboxConfig::default()).await.unwrap();
+    let young = rt.create(TEMPLATE, SandboxConfig::default()).await.unwrap();
+    let live = rt.create(TEMPLATE, SandboxConfig::default()).await.unwrap();
+    let old = old.pause().await.expect("pause").id().to_string();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let young = young.pause().await.expect("pause").id().to_string();
+    // A crashed creation: a directory with neither snapshot nor handle.
+    let crashed = state.path().join("sandboxes").join("0123456789abcdef0123");
+    std::fs::create_dir(&crashed).unwrap();
+
+    let kept = dormouse::Runtime::builder(state.path())
+        .retention(Duration::from_secs(20))
+        .open()
+        .await
+        .unwrap();
+    assert!(matches!(kept.info(&old).await, Err(Error::NotFound { .. })));
+    assert!(!state.path().join("sandboxes").join(&old).exists());
+    assert_eq!(kept.info(&young).await.unwrap().state, SandboxState::Paused);
+    assert_eq!(
+        kept.info(live.id().as_str()).await.unwrap().state,
+        SandboxState::Running
+    );
+    assert!(crashed.exists(), "too young to be called abandoned");
+    assert_eq!(sh(&live, "echo alive").await, "alive\n");
+    // Without retention nothing paused goes.
+    assert!(rt.sweep().await.unwrap().is_empty());
+    live.kill().await.unwrap();
+    kept.kill(&young).await.unwrap();
 }

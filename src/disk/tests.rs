@@ -453,7 +453,10 @@ fn a_committed_snapshot_of_a_running_disk_is_copied_whole_and_stays_as_it_was() 
     disk.write_at(&[1; 4096], 0).unwrap();
     let first = disk.seal(1).unwrap().expect("a layer");
     disk.commit(first).unwrap();
-    assert!(!dir.path().join("o.layer-1").exists(), "applied and deleted");
+    assert!(
+        !dir.path().join("o.layer-1").exists(),
+        "applied and deleted"
+    );
     // Writes after the snapshot go to a new pending layer...
     disk.write_at(&[2; 4096], 0).unwrap();
     disk.write_at(&[3; 4096], 8192).unwrap();

@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 use crate::agent::{self, AgentError};
 use crate::disk::CowDisk;
+mod live;
+
+pub(crate) use live::Live;
+use live::LiveState;
+
 use crate::error::{ConsoleTail, Error, Result};
 use crate::fsutil::now_ms;
 use crate::info::{self, SandboxInfo, SandboxState};
@@ -26,7 +31,6 @@ use crate::vmm::cpu::HostProfile;
 use crate::vmm::devices::virtio::block::Block;
 use crate::vmm::devices::virtio::vsock::{Vsock, VsockConnector};
 use crate::vmm::devices::virtio::VirtioDevice;
-use crate::vmm::vcpu::GuestStop;
 use crate::vmm::{memory, Machine, MachineConfig, RestoreConfig};
 
 /// The guest CID of every sandbox (each has its own vsock device).
@@ -106,7 +110,18 @@ pub struct SandboxConfig {
     /// The caller's labels, kept with the sandbox and matched by
     /// [`ListQuery::metadata`](crate::ListQuery::metadata).
     pub metadata: BTreeMap<String, String>,
+    /// How long the sandbox runs after it is created or resumed before it
+    /// is killed (or paused, with [`auto_pause`](Self::auto_pause));
+    /// default [`DEFAULT_TIMEOUT`]. Change it while it runs with
+    /// [`Sandbox::set_timeout`].
+    pub timeout: Duration,
+    /// Pause instead of kill when the timeout runs out, after every resume
+    /// too (default false).
+    pub auto_pause: bool,
 }
+
+/// The timeout of a sandbox unless its [`SandboxConfig`] says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Default for SandboxConfig {
     fn default() -> Self {
@@ -115,6 +130,8 @@ impl Default for SandboxConfig {
             vcpus: None,
             boot_timeout: Duration::from_secs(300),
             metadata: BTreeMap::new(),
+            timeout: DEFAULT_TIMEOUT,
+            auto_pause: false,
         }
     }
 }
@@ -136,6 +153,23 @@ impl SandboxConfig {
     pub fn boot_timeout(mut self, timeout: Duration) -> Self {
         self.boot_timeout = timeout;
         self
+    }
+
+    /// Sets the timeout (see [`SandboxConfig::timeout`](Self#structfield.timeout)).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Pauses the sandbox at its timeout instead of killing it.
+    pub fn auto_pause(mut self, on: bool) -> Self {
+        self.auto_pause = on;
+        self
+    }
+
+    fn check(&self) -> Result<()> {
+        info::check_metadata(&self.metadata)?;
+        live::check_timeout(self.timeout)
     }
 
     /// Adds the label `key` = `value` (at most 64 labels; keys up to 256
@@ -162,31 +196,18 @@ struct SandboxInner {
     id: SandboxId,
     dir: PathBuf,
     rt: Arc<RuntimeInner>,
-    record: SandboxRecord,
-    /// What `sandbox.json` says; rewritten at every transition.
-    info: SandboxInfo,
+    /// The template it was created from.
+    template: String,
     /// The template's root filesystem image, under the disk overlay.
     rootfs: PathBuf,
-    /// Set while running.
-    machine: Option<Machine>,
-    /// The disk overlay, shared with the block device; set while running.
-    disk: Option<Arc<Mutex<CowDisk>>>,
     /// Connections to the guest (to the agent while running; shared with
     /// port forwards, which outlive a pause).
     link: Arc<AgentLink>,
-    /// While running: the snapshot the guest was resumed from, whose memory
-    /// files a pause adds a layer to.
-    based_on: Option<snapshot::Manifest>,
-    /// While running: whether the dirty-page log covers every write since
-    /// boot or resume (a failed pause consumes it; the next one then writes
-    /// all of memory).
-    dirty_log_complete: bool,
-    /// `flock` on the lock file: one live handle per sandbox, across
-    /// processes. Released with the handle.
-    _lock: File,
-    /// Whether dropping the handle deletes the sandbox's files (true while
-    /// running: an abandoned running sandbox is killed).
-    delete_on_drop: bool,
+    /// The state that changes, shared with the lifecycle timer and the
+    /// runtime's registry.
+    live: Arc<Live>,
+    /// While running: the lifecycle timer.
+    timer: Option<tokio::task::AbortHandle>,
 }
 
 /// How the host reaches a sandbox's guest: the vsock connector while the
@@ -257,16 +278,83 @@ async fn connect_vsock(connector: VsockConnector) -> Result<tokio::net::UnixStre
 
 impl Drop for SandboxInner {
     fn drop(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
+        }
         self.link.close();
-        if let Some(mut machine) = self.machine.take() {
+        let mut st = self.live.st();
+        if let Some(mut machine) = st.machine.take() {
             machine.stop();
         }
-        if self.delete_on_drop {
+        st.disk = None;
+        if st.delete_on_drop {
+            st.delete_on_drop = false;
+            st.taken = Some(live::Taken::Killed);
             if let Err(e) = std::fs::remove_dir_all(&self.dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     log::warn!("cannot remove {}: {e}", self.dir.display());
                 }
             }
+        }
+        st.lock = None;
+    }
+}
+
+impl SandboxInner {
+    /// A handle's inner part over the sandbox in `dir`, in `state`.
+    fn new(
+        rt: Arc<RuntimeInner>,
+        id: SandboxId,
+        dir: PathBuf,
+        rootfs: PathBuf,
+        link: Arc<AgentLink>,
+        state: LiveState,
+    ) -> Self {
+        let template = state.record.template.clone();
+        let live = Live::new(id.clone(), dir.clone(), link.clone(), state);
+        SandboxInner {
+            id,
+            dir,
+            rt,
+            template,
+            rootfs,
+            link,
+            live,
+            timer: None,
+        }
+    }
+
+    /// The sandbox runs (created or resumed): starts its timeout, `timeout`
+    /// or the one it was created with, and registers it with the runtime.
+    fn start_running(&mut self, timeout: Option<Duration>) {
+        {
+            let mut st = self.live.st();
+            let now = now_ms();
+            st.info.state = SandboxState::Running;
+            st.info.started_at_ms = now;
+            let timeout = timeout.unwrap_or(Duration::from_millis(st.info.timeout_ms));
+            let start = tokio::time::Instant::now();
+            st.run_limit = self.rt.max_running.map(|max| start + max);
+            let mut deadline = start + timeout;
+            if let Some(limit) = st.run_limit {
+                deadline = deadline.min(limit);
+            }
+            st.deadline = Some(deadline);
+            st.info.end_at_ms = Some(now + (deadline - start).as_millis() as u64);
+            if let Err(e) = st.save_info(&self.dir) {
+                log::warn!("{e}");
+            }
+        }
+        if let Some(old) = self.timer.replace(self.live.start_timer()) {
+            old.abort();
+        }
+        self.rt.register(&self.id, &self.live);
+    }
+
+    /// The sandbox stopped running under this handle: its timer ends.
+    fn stop_timer(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
         }
     }
 }
@@ -403,7 +491,7 @@ impl<S> std::fmt::Debug for Sandbox<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sandbox")
             .field("id", &self.inner.id)
-            .field("template", &self.inner.record.template)
+            .field("template", &self.inner.template)
             .finish()
     }
 }
@@ -416,7 +504,7 @@ impl<S> Sandbox<S> {
 
     /// The template it was created from.
     pub fn template(&self) -> &str {
-        &self.inner.record.template
+        &self.inner.template
     }
 
     /// The directory holding the sandbox's files (console log, disk overlay).
@@ -424,14 +512,15 @@ impl<S> Sandbox<S> {
         &self.inner.dir
     }
 
-    /// What is known about the sandbox: state, metadata, times, sizes.
-    pub fn info(&self) -> &SandboxInfo {
-        &self.inner.info
+    /// What is known about the sandbox: state, metadata, times, sizes,
+    /// timeout.
+    pub fn info(&self) -> SandboxInfo {
+        self.inner.live.st().info.clone()
     }
 
     /// The labels it was created with.
-    pub fn metadata(&self) -> &BTreeMap<String, String> {
-        &self.inner.info.metadata
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        self.inner.live.st().info.metadata.clone()
     }
 }
 
@@ -444,7 +533,7 @@ impl Sandbox<Running> {
         template: Template,
         config: SandboxConfig,
     ) -> Result<Sandbox<Running>> {
-        info::check_metadata(&config.metadata)?;
+        config.check()?;
         let mem_mib = config.memory_mib.unwrap_or(template.manifest.mem_mib);
         let vcpus = config.vcpus.unwrap_or(template.manifest.vcpus);
         let (id, dir, lock, guard) = new_sandbox_dir(&rt).await?;
@@ -495,28 +584,31 @@ impl Sandbox<Running> {
             vcpus,
             memory_mib: mem_mib,
             disk_mib: disk_mib(&template.rootfs_path()),
+            timeout_ms: config.timeout.as_millis() as u64,
+            auto_pause: config.auto_pause,
+            end_at_ms: None,
         };
+        let state = LiveState {
+            record,
+            info,
+            machine: Some(machine),
+            disk: Some(disk),
+            based_on: None,
+            dirty_log_complete: true,
+            lock: Some(lock),
+            delete_on_drop: true,
+            taken: None,
+            deadline: None,
+            run_limit: None,
+        };
+        let link = AgentLink::new(Some(vsock));
         let mut sandbox = Sandbox {
-            inner: SandboxInner {
-                id,
-                dir,
-                rt,
-                record,
-                info,
-                rootfs: template.rootfs_path(),
-                machine: Some(machine),
-                disk: Some(disk),
-                link: AgentLink::new(Some(vsock)),
-                based_on: None,
-                dirty_log_complete: true,
-                _lock: lock,
-                delete_on_drop: true,
-            },
+            inner: SandboxInner::new(rt, id, dir, template.rootfs_path(), link, state),
             _state: PhantomData,
         };
         std::mem::forget(guard); // the sandbox now owns (and cleans) the directory
-        sandbox.inner.save_info()?;
         sandbox.wait_for_agent(config.boot_timeout).await?;
+        sandbox.inner.start_running(None);
         Ok(sandbox)
     }
 
@@ -527,9 +619,9 @@ impl Sandbox<Running> {
     pub(crate) async fn start_from(
         rt: Arc<RuntimeInner>,
         source: PathBuf,
-        metadata: BTreeMap<String, String>,
+        config: SandboxConfig,
     ) -> Result<Sandbox<Running>> {
-        info::check_metadata(&metadata)?;
+        config.check()?;
         let (id, dir, lock, guard) = new_sandbox_dir(&rt).await?;
         let paused = {
             let (rt, id, dir) = (rt.clone(), id.clone(), dir.clone());
@@ -541,12 +633,17 @@ impl Sandbox<Running> {
                 };
                 snapshot::copy_to(&source, &dir, record)?;
                 let now = now_ms();
-                let mut paused = Sandbox::<Paused>::with_lock(rt, id, dir, lock)?;
-                paused.inner.info.metadata = metadata;
-                paused.inner.info.created_at_ms = now;
-                paused.inner.info.started_at_ms = now;
-                paused.inner.info.paused_at_ms = None;
-                paused.inner.save_info()?;
+                let paused = Sandbox::<Paused>::with_lock(rt, id, dir, lock)?;
+                {
+                    let mut st = paused.inner.live.st();
+                    st.info.metadata = config.metadata;
+                    st.info.created_at_ms = now;
+                    st.info.started_at_ms = now;
+                    st.info.paused_at_ms = None;
+                    st.info.timeout_ms = config.timeout.as_millis() as u64;
+                    st.info.auto_pause = config.auto_pause;
+                    st.save_info(&paused.inner.dir)?;
+                }
                 Ok(paused)
             })
             .await
@@ -565,35 +662,45 @@ impl Sandbox<Running> {
         }
     }
 
-    fn machine(&self) -> &Machine {
-        // Invariant: a Sandbox<Running> always has its machine.
-        self.inner
-            .machine
-            .as_ref()
-            .expect("a running sandbox has a machine")
-    }
-
+    /// The console's last lines (none while a transition has the machine).
     fn console_tail(&self) -> ConsoleTail {
-        ConsoleTail(self.machine().console().tail())
+        let st = self.inner.live.st();
+        ConsoleTail(
+            st.machine
+                .as_ref()
+                .map_or_else(Vec::new, |m| m.console().tail()),
+        )
     }
 
-    fn stopped_error(&self, reason: GuestStop) -> Error {
-        Error::GuestStopped {
-            reason,
-            console: self.console_tail(),
+    /// Why requests cannot go on: the sandbox was taken from this handle,
+    /// or its guest stopped. `None` while it runs (or a transition of this
+    /// handle has the machine).
+    fn stopped(&self) -> Option<Error> {
+        let st = self.inner.live.st();
+        if let Some(taken) = st.taken {
+            return Some(self.inner.live.taken_error(taken));
         }
+        let machine = st.machine.as_ref()?;
+        let reason = machine.stop_reason()?;
+        Some(Error::GuestStopped {
+            reason,
+            console: ConsoleTail(machine.console().tail()),
+        })
     }
 
     /// Stops the guest of a sandbox resumed from a snapshot, dropping
     /// everything it did since (its pending disk writes go at the next
     /// open): the sandbox is paused at that snapshot again.
     async fn back_to_snapshot(mut self) -> Sandbox<Paused> {
-        let machine = self.inner.machine.take();
-        let disk = self.inner.disk.take();
+        self.inner.stop_timer();
+        let stopping = {
+            let mut st = self.inner.live.st();
+            st.based_on = None;
+            st.delete_on_drop = false;
+            (st.machine.take(), st.disk.take())
+        };
         self.inner.link.set(None);
-        self.inner.based_on = None;
-        self.inner.delete_on_drop = false;
-        let stopped = tokio::task::spawn_blocking(move || drop((machine, disk))).await;
+        let stopped = tokio::task::spawn_blocking(move || drop(stopping)).await;
         if let Err(e) = stopped {
             log::error!("stopping the guest panicked: {e}");
         }
@@ -606,8 +713,8 @@ impl Sandbox<Running> {
     async fn wait_for_agent(&mut self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         loop {
-            if let Some(reason) = self.machine().stop_reason() {
-                return Err(self.stopped_error(reason));
+            if let Some(error) = self.stopped() {
+                return Err(error);
             }
             // The first request that gets through is the sync itself (one
             // round trip less on every resume).
@@ -644,12 +751,12 @@ impl Sandbox<Running> {
 
     /// A new connection to the guest agent.
     pub(crate) async fn connect_agent(&self) -> Result<tokio::net::UnixStream> {
-        // Invariant: a Sandbox<Running> always has its vsock connector.
-        let connector = self
-            .inner
-            .link
-            .connector()
-            .expect("a running sandbox has a vsock connector");
+        let Some(connector) = self.inner.link.connector() else {
+            // Only a sandbox taken from this handle has no connector.
+            return Err(self.stopped().unwrap_or_else(|| Error::SandboxPaused {
+                id: self.inner.id.to_string(),
+            }));
+        };
         connect_vsock(connector).await
     }
 
@@ -668,8 +775,8 @@ impl Sandbox<Running> {
             tokio::select! {
                 res = &mut fut => return res.map_err(Error::Agent),
                 _ = tokio::time::sleep(LIVENESS_POLL) => {
-                    if let Some(reason) = self.machine().stop_reason() {
-                        return Err(self.stopped_error(reason));
+                    if let Some(error) = self.stopped() {
+                        return Err(error);
                     }
                 }
             }
@@ -678,8 +785,16 @@ impl Sandbox<Running> {
 
     /// Stops the guest and deletes every file of the sandbox. Permanent.
     pub async fn kill(mut self) -> Result<()> {
-        let machine = self.inner.machine.take();
-        kill_files(self, machine).await
+        self.inner.stop_timer();
+        self.inner.live.kill().await
+    }
+
+    /// Makes the sandbox's timeout run out `timeout` from now (the
+    /// runtime's maximum running time still applies). Then it is killed,
+    /// or paused if it was created with
+    /// [`auto_pause`](SandboxConfig::auto_pause).
+    pub fn set_timeout(&self, timeout: Duration) -> Result<()> {
+        self.inner.live.set_timeout(timeout)
     }
 
     /// Pauses the sandbox: stops the guest (no cooperation from it needed),
@@ -699,52 +814,18 @@ impl Sandbox<Running> {
     /// # Ok(()) }
     /// ```
     pub async fn pause(mut self) -> std::result::Result<Sandbox<Paused>, PauseError> {
-        let Some(mut machine) = self.inner.machine.take() else {
-            unreachable!("a running sandbox has a machine");
-        };
-        // Should this future be dropped halfway, the pause still completes
-        // (or fails) on its thread; the files must stay for that.
-        self.inner.delete_on_drop = false;
-        let job = self.inner.snapshot_job();
-        let task = tokio::task::spawn_blocking(move || {
-            let written = job.run(&mut machine);
-            if written.is_err() {
-                if let Err(resume) = machine.resume() {
-                    log::error!("the sandbox could not run on after a failed pause: {resume}");
-                }
-            }
-            (machine, written)
-        });
-        match task.await {
-            Ok((machine, Ok((manifest, _)))) => {
-                // Releases guest memory, vCPU and device threads now.
-                drop(machine);
-                self.inner.disk = None;
-                self.inner.link.set(None);
-                self.inner.based_on = None;
-                self.inner.info.state = SandboxState::Paused;
-                self.inner.info.paused_at_ms = Some(manifest.paused_at_ms);
-                if let Err(e) = self.inner.save_info() {
-                    // The snapshot is what counts; the record is advisory.
-                    log::warn!("{e}");
-                }
+        match self.inner.live.pause(false).await {
+            Ok(()) => {
+                self.inner.stop_timer();
                 Ok(Sandbox {
                     inner: self.inner,
                     _state: PhantomData,
                 })
             }
-            Ok((machine, Err(error))) => {
-                self.inner.machine = Some(machine);
-                self.inner.delete_on_drop = true;
-                // The dirty log was read: the next pause writes everything.
-                self.inner.dirty_log_complete = false;
-                Err(PauseError {
-                    sandbox: self,
-                    error,
-                })
-            }
-            // A panic on the pause thread is a bug: pass it on.
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(error) => Err(PauseError {
+                sandbox: self,
+                error,
+            }),
         }
     }
 
@@ -804,9 +885,14 @@ impl Sandbox<Running> {
         let target = self.inner.rt.dir.join("snapshots").join(&name);
         self.snapshot_to(&name, target.clone()).await?;
         let rt = self.inner.rt.clone();
-        let children =
-            crate::runtime::start_many(&rt, target.clone(), n, self.inner.info.metadata.clone())
-                .await;
+        let info = self.info();
+        let config = SandboxConfig {
+            metadata: info.metadata,
+            timeout: Duration::from_millis(info.timeout_ms),
+            auto_pause: info.auto_pause,
+            ..SandboxConfig::default()
+        };
+        let children = crate::runtime::start_many(&rt, target.clone(), n, config).await;
         if let Err(e) = crate::runtime::remove_snapshot_dir(&target).await {
             log::warn!("{e}");
         }
@@ -819,149 +905,53 @@ impl Sandbox<Running> {
         name: &str,
         target: PathBuf,
     ) -> Result<crate::SnapshotInfo> {
-        self.inner.info.state = SandboxState::Snapshotting;
-        self.inner.save_info()?;
-        let Some(mut machine) = self.inner.machine.take() else {
-            unreachable!("a running sandbox has a machine");
-        };
-        let job = self.inner.snapshot_job();
-        let disk = self.inner.disk.clone();
+        let live = self.inner.live.clone();
+        let (transition, mut machine, job) = live.begin_snapshot().await?;
         let task = tokio::task::spawn_blocking(move || {
             let written = job.run(&mut machine).and_then(|(manifest, _)| {
-                if let (Some(disk), Some(sealed)) = (&disk, manifest.disk_layer) {
-                    lock_disk(disk).commit(sealed)?;
+                if let (Some(disk), Some(sealed)) = (&job.disk, manifest.disk_layer) {
+                    live::lock_disk(disk).commit(sealed)?;
                 }
                 Ok(manifest)
             });
-            if let Err(e) = machine.resume() {
-                return (machine, Err(Error::from(e)));
-            }
-            (machine, written)
+            let resumed = machine.resume();
+            (machine, written, resumed)
         });
-        let (machine, written) = match task.await {
+        let (machine, written, resumed) = match task.await {
             Ok(done) => done,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
-        self.inner.machine = Some(machine);
-        self.inner.info.state = SandboxState::Running;
-        let saved = self.inner.save_info();
-        let manifest = match written {
-            Ok(manifest) => manifest,
-            Err(e) => {
-                // The dirty log may have been read: the next pause writes
-                // everything.
-                self.inner.dirty_log_complete = false;
-                return Err(e);
+        let (info, record) = {
+            let mut st = live.st();
+            st.machine = Some(machine);
+            st.info.state = SandboxState::Running;
+            if let Err(e) = st.save_info(&self.inner.dir) {
+                log::warn!("{e}");
             }
+            match written {
+                Ok(manifest) => {
+                    st.based_on = Some(manifest);
+                    st.dirty_log_complete = true;
+                }
+                Err(e) => {
+                    // The dirty log may have been read: the next pause
+                    // writes everything.
+                    st.dirty_log_complete = false;
+                    return Err(e);
+                }
+            }
+            (st.info.clone(), st.record.clone())
         };
-        self.inner.based_on = Some(manifest);
-        self.inner.dirty_log_complete = true;
-        saved?;
-        let info = crate::SnapshotInfo::new(name, &self.inner.info);
+        drop(transition);
+        resumed?;
+        let info = crate::SnapshotInfo::new(name, &info);
         let dir = self.inner.dir.clone();
-        let record = self.inner.record.clone();
         tokio::task::spawn_blocking(move || {
             crate::runtime::publish_snapshot(&dir, &target, record, &info)
         })
         .await
         .map_err(|e| join_error("snapshot", e))?
     }
-}
-
-/// Locks the disk shared with the block device.
-fn lock_disk(disk: &Mutex<CowDisk>) -> std::sync::MutexGuard<'_, CowDisk> {
-    disk.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// What writing a snapshot of a running sandbox needs, taken from it so
-/// that the work can run on a blocking thread.
-struct SnapshotJob {
-    dir: PathBuf,
-    record: SandboxRecord,
-    disk: Option<Arc<Mutex<CowDisk>>>,
-    based_on: Option<snapshot::Manifest>,
-    dirty_log_complete: bool,
-}
-
-impl SandboxInner {
-    fn save_info(&self) -> Result<()> {
-        info::write(&self.dir, &self.info)
-    }
-
-    fn snapshot_job(&self) -> SnapshotJob {
-        SnapshotJob {
-            dir: self.dir.clone(),
-            record: self.record.clone(),
-            disk: self.disk.clone(),
-            based_on: self.based_on.clone(),
-            dirty_log_complete: self.dirty_log_complete,
-        }
-    }
-}
-
-impl SnapshotJob {
-    /// Stops the vCPUs of `machine` and writes a snapshot as the sandbox
-    /// directory's new generation: the pages dirtied since the snapshot it
-    /// was resumed from (or every touched page), its state, its disk
-    /// writes. The machine stays stopped.
-    fn run(self, machine: &mut Machine) -> Result<(snapshot::Manifest, memory::SaveStats)> {
-        let state = machine.pause()?;
-        let dirty = match machine.take_dirty_pages() {
-            Ok(dirty) => self.dirty_log_complete.then_some(dirty),
-            Err(e) => {
-                log::warn!("no dirty-page log, writing all of memory: {e}");
-                None
-            }
-        };
-        let how = match (&dirty, &self.based_on) {
-            (Some(dirty), Some(on)) => snapshot::MemoryWrite::Layer { dirty, on },
-            (Some(dirty), None) => snapshot::MemoryWrite::BaseOf(dirty),
-            (None, _) => snapshot::MemoryWrite::Full,
-        };
-        let dir = &self.dir;
-        let seal = |generation| {
-            let Some(disk) = &self.disk else {
-                return Ok(None);
-            };
-            lock_disk(disk)
-                .seal(generation)
-                .map_err(|e| snapshot::SnapshotError::Io {
-                    what: "seal the disk writes of",
-                    path: dir.join("disk"),
-                    source: std::io::Error::other(e),
-                })
-        };
-        let (manifest, stats) =
-            snapshot::write(dir, &self.record, &state, machine.memory(), how, seal)?;
-        log::debug!(
-            "snapshot of sandbox {}: generation {}, {} of {} bytes of memory written",
-            self.record.id,
-            manifest.generation,
-            stats.written,
-            stats.total
-        );
-        Ok((manifest, stats))
-    }
-}
-
-/// Stops `machine` and deletes the sandbox's files.
-async fn kill_files<S>(mut sandbox: Sandbox<S>, machine: Option<Machine>) -> Result<()> {
-    let dir = sandbox.inner.dir.clone();
-    // The files are deleted here, and errors reported, rather than in Drop.
-    sandbox.inner.delete_on_drop = false;
-    tokio::task::spawn_blocking(move || {
-        drop(machine);
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
-                what: format!("cannot delete {}", dir.display()),
-                source: e,
-            }),
-            _ => Ok(()),
-        }
-    })
-    .await
-    .map_err(|e| join_error("kill", e))?
 }
 
 impl Sandbox<Paused> {
@@ -1007,44 +997,57 @@ impl Sandbox<Paused> {
                 ),
             });
         }
-        let record = manifest.sandbox;
-        let mut info = info::read(&dir).unwrap_or_else(|| SandboxInfo {
-            id: id.to_string(),
-            template: record.template.clone(),
-            state: SandboxState::Paused,
-            metadata: BTreeMap::new(),
-            created_at_ms: manifest.paused_at_ms,
-            started_at_ms: manifest.paused_at_ms,
-            paused_at_ms: None,
-            vcpus: record.vcpus,
-            memory_mib: record.mem_mib,
-            disk_mib: disk_mib(&template.rootfs_path()),
+        let record = manifest.sandbox.clone();
+        let mut info = info::read(&dir).unwrap_or_else(|| {
+            SandboxInfo::of_snapshot(&manifest, disk_mib(&template.rootfs_path()))
         });
         info.state = SandboxState::Paused;
         info.paused_at_ms = Some(manifest.paused_at_ms);
+        info.end_at_ms = None;
+        let state = LiveState {
+            record,
+            info,
+            machine: None,
+            disk: None,
+            based_on: None,
+            dirty_log_complete: false,
+            lock: Some(lock),
+            delete_on_drop: false,
+            taken: None,
+            deadline: None,
+            run_limit: None,
+        };
         Ok(Sandbox {
-            inner: SandboxInner {
+            inner: SandboxInner::new(
+                rt,
                 id,
                 dir,
-                rt,
-                record,
-                info,
-                rootfs: template.rootfs_path(),
-                machine: None,
-                disk: None,
-                link: AgentLink::new(None),
-                based_on: None,
-                dirty_log_complete: false,
-                _lock: lock,
-                delete_on_drop: false,
-            },
+                template.rootfs_path(),
+                AgentLink::new(None),
+                state,
+            ),
             _state: PhantomData,
         })
     }
 
     /// Deletes every file of the sandbox. Permanent.
     pub async fn kill(self) -> Result<()> {
-        kill_files(self, None).await
+        self.inner.live.kill().await
+    }
+
+    /// [`resume`](Self::resume) with a timeout other than the one the
+    /// sandbox was created with, from now on.
+    pub async fn resume_with_timeout(
+        self,
+        timeout: Duration,
+    ) -> std::result::Result<Sandbox<Running>, ResumeError> {
+        if let Err(error) = live::check_timeout(timeout) {
+            return Err(ResumeError {
+                sandbox: Some(self),
+                error,
+            });
+        }
+        self.resume_for(Some(timeout)).await
     }
 
     /// Resumes the sandbox where it was paused: every process, open file
@@ -1052,7 +1055,18 @@ impl Sandbox<Paused> {
     /// and loads lazily. Connections to the guest open before the pause
     /// were reset; new ones work as before. On failure the sandbox is
     /// handed back, still paused and resumable.
-    pub async fn resume(mut self) -> std::result::Result<Sandbox<Running>, ResumeError> {
+    ///
+    /// Its timeout starts again: the one it was created with (see
+    /// [`resume_with_timeout`](Self::resume_with_timeout)); a sandbox
+    /// created with auto-pause pauses again when it runs out.
+    pub async fn resume(self) -> std::result::Result<Sandbox<Running>, ResumeError> {
+        self.resume_for(None).await
+    }
+
+    async fn resume_for(
+        mut self,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<Sandbox<Running>, ResumeError> {
         match self.restore().await {
             Ok(()) => {}
             Err(error) => {
@@ -1066,14 +1080,10 @@ impl Sandbox<Paused> {
             inner: self.inner,
             _state: PhantomData,
         };
-        running.inner.delete_on_drop = true;
+        running.inner.live.st().delete_on_drop = true;
         match running.wait_for_agent(RESUME_TIMEOUT).await {
             Ok(()) => {
-                running.inner.info.state = SandboxState::Running;
-                running.inner.info.started_at_ms = now_ms();
-                if let Err(e) = running.inner.save_info() {
-                    log::warn!("{e}");
-                }
+                running.inner.start_running(timeout);
                 Ok(running)
             }
             // Stop the guest and forget what it did since the restore: the
@@ -1138,11 +1148,12 @@ impl Sandbox<Paused> {
         .await
         .map_err(|e| join_error("resume", e))??;
         let (machine, connector, disk, manifest) = restored;
-        self.inner.based_on = Some(manifest);
-        self.inner.dirty_log_complete = true;
-        self.inner.machine = Some(machine);
+        let mut st = self.inner.live.st();
+        st.based_on = Some(manifest);
+        st.dirty_log_complete = true;
+        st.machine = Some(machine);
+        st.disk = Some(disk);
         self.inner.link.set(Some(connector));
-        self.inner.disk = Some(disk);
         Ok(())
     }
 }
