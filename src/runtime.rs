@@ -214,7 +214,7 @@ impl RuntimeInner {
             )
         };
         let key = format!(
-            "{}/{}/{}/{}/{mem_mib}/{vcpus}/{}/{}",
+            "{}/{}/{}/{}/{mem_mib}/{vcpus}/{}/{}/code-interpreter-started",
             template.manifest.kernel_hash,
             template.manifest.rootfs_hash,
             identity(&template.kernel_path()),
@@ -257,6 +257,16 @@ impl RuntimeInner {
                 ..config.clone()
             };
             let booted = Sandbox::boot(self.clone(), template.clone(), config).await?;
+            // Start the default code interpreter, so that every sandbox of
+            // the template has it running (its first `run_code` takes as
+            // long as any other, not the seconds an interpreter takes to
+            // start). Best effort: a template may have no Python.
+            if let Err(e) = booted.run_code("pass").await {
+                log::info!(
+                    "template {:?} has no code interpreter: {e}",
+                    template.manifest.name
+                );
+            }
             let paused = booted.pause().await?;
             let from = paused.dir().to_path_buf();
             std::fs::rename(&from, &dir).map_err(Error::io(format!(

@@ -129,6 +129,11 @@ impl Live {
         st.taken.is_none() && st.info.state != SandboxState::Paused
     }
 
+    /// Waits until no transition is at work.
+    pub(super) async fn wait_transition(&self) {
+        drop(self.transition.lock().await);
+    }
+
     /// Pauses the running sandbox: writes its snapshot and releases its
     /// guest. With `release`, the handle loses it (the lock is released and
     /// later calls on the handle give [`Error::SandboxPaused`]), so that it

@@ -757,7 +757,25 @@ impl Sandbox<Running> {
                 id: self.inner.id.to_string(),
             }));
         };
-        connect_vsock(connector).await
+        match connect_vsock(connector).await {
+            Ok(stream) => Ok(stream),
+            Err(e) => Err(self.why_failed(e).await),
+        }
+    }
+
+    /// The error to report for a request that failed with `error`: the
+    /// guest stopping, or the sandbox being taken from this handle (by its
+    /// timeout, or by id), cut requests off and say so better. A pause or
+    /// kill still at work on the machine is waited for first.
+    async fn why_failed(&self, error: Error) -> Error {
+        let in_transition = {
+            let st = self.inner.live.st();
+            st.taken.is_none() && st.machine.is_none()
+        };
+        if in_transition {
+            self.inner.live.wait_transition().await;
+        }
+        self.stopped().unwrap_or(error)
     }
 
     /// The link port forwards use.
@@ -773,7 +791,10 @@ impl Sandbox<Running> {
         tokio::pin!(fut);
         loop {
             tokio::select! {
-                res = &mut fut => return res.map_err(Error::Agent),
+                res = &mut fut => return match res {
+                    Ok(value) => Ok(value),
+                    Err(e) => Err(self.why_failed(Error::Agent(e)).await),
+                },
                 _ = tokio::time::sleep(LIVENESS_POLL) => {
                     if let Some(error) = self.stopped() {
                         return Err(error);
