@@ -525,9 +525,9 @@ impl<S> Sandbox<S> {
 }
 
 impl Sandbox<Running> {
-    /// Boots a new sandbox from the template's kernel and root filesystem
-    /// (what a template's snapshot is made from; see
-    /// [`Runtime::create`](crate::Runtime::create)).
+    /// Boots a new sandbox from the template's kernel and root filesystem:
+    /// what a template's snapshot is made from (see
+    /// [`Runtime::create`](crate::Runtime::create)). It has no timeout.
     pub(crate) async fn boot(
         rt: Arc<RuntimeInner>,
         template: Template,
@@ -608,7 +608,8 @@ impl Sandbox<Running> {
         };
         std::mem::forget(guard); // the sandbox now owns (and cleans) the directory
         sandbox.wait_for_agent(config.boot_timeout).await?;
-        sandbox.inner.start_running(None);
+        // No timer: a booted sandbox is a template's, paused once it is set
+        // up, whatever the limits of the sandboxes made from it.
         Ok(sandbox)
     }
 
