@@ -1,5 +1,6 @@
-//! Boot-to-agent-ready, command and `run_code` round-trip times and file
-//! transfer throughput of a real sandbox.
+//! Create-to-agent-ready (from the template's snapshot, made first), command and
+//! `run_code` round-trip times and file transfer throughput of a real
+//! sandbox.
 //!
 //! Run with `cargo bench --bench sandbox` after `guest/build.sh` (the test
 //! command builds it too). The host kind is printed first: on a PVM host the
@@ -7,7 +8,7 @@
 //! tens of milliseconds); on hardware VT-x / AMD-V a boot must take well
 //! under a second. Compare numbers only between runs on the same host kind.
 //!
-//! `DORMOUSE_BENCH_BOOTS` sets how many boots are timed (default 10, the
+//! `DORMOUSE_BENCH_BOOTS` sets how many creates are timed (default 10, the
 //! fewest criterion accepts).
 
 use std::time::{Duration, Instant};
@@ -47,13 +48,21 @@ fn benches(c: &mut Criterion) {
         .unwrap_or(10usize)
         .max(10);
 
+    // The template's snapshot, made by the first create (a boot), untimed.
+    let t = Instant::now();
+    let first = tokio_rt
+        .block_on(rt.create(TEMPLATE, SandboxConfig::default()))
+        .expect("create sandbox");
+    eprintln!("template snapshot made (boot) in {:.1?}", t.elapsed());
+    tokio_rt.block_on(first.kill()).expect("kill sandbox");
+
     let mut group = c.benchmark_group(format!("sandbox-{tag}"));
     group.sampling_mode(SamplingMode::Flat);
     group.sample_size(boots);
-    // One boot per sample: criterion must not try to fit more in.
+    // One create per sample: criterion must not try to fit more in.
     group.measurement_time(Duration::from_secs(1));
     group.warm_up_time(Duration::from_millis(1));
-    group.bench_function("boot_to_agent_ready", |b| {
+    group.bench_function("create_to_agent_ready", |b| {
         b.to_async(&tokio_rt).iter_custom(|iters| {
             let rt = rt.clone();
             async move {

@@ -42,6 +42,16 @@ pub enum Error {
         /// The directories searched.
         searched: Vec<PathBuf>,
     },
+    /// A step of [`Runtime::build_template`](crate::Runtime::build_template) failed.
+    #[error("building template {template:?} failed at {step}: {reason}")]
+    TemplateBuild {
+        /// The template being built.
+        template: String,
+        /// The step: the command or file.
+        step: String,
+        /// What went wrong (a command's exit code and output).
+        reason: String,
+    },
     /// No snapshot of that name (never made, or deleted).
     #[error("snapshot {name:?} not found: see Runtime::list_snapshots for the ones there are")]
     SnapshotNotFound {

@@ -76,6 +76,12 @@ pub struct SandboxInfo {
     /// time) ends, in ms since the Unix epoch.
     #[serde(default)]
     pub end_at_ms: Option<u64>,
+    /// Environment variables every command gets (its own override them).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The working directory of commands that give none.
+    #[serde(default)]
+    pub cwd: Option<String>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -101,6 +107,8 @@ impl SandboxInfo {
             timeout_ms: default_timeout_ms(),
             auto_pause: false,
             end_at_ms: None,
+            env: BTreeMap::new(),
+            cwd: None,
         }
     }
 
@@ -224,16 +232,27 @@ pub(crate) fn page(mut all: Vec<SandboxInfo>, query: &ListQuery) -> Result<Sandb
 
 /// Checks metadata given at creation.
 pub(crate) fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<()> {
-    if metadata.len() > MAX_METADATA_ENTRIES {
+    check_map("metadata", metadata)
+}
+
+/// Checks a string map of a sandbox (metadata, environment): bounded, and
+/// environment names the guest can take.
+pub(crate) fn check_map(what: &str, map: &BTreeMap<String, String>) -> Result<()> {
+    if map.len() > MAX_METADATA_ENTRIES {
         return Err(Error::InvalidConfig(format!(
-            "{} metadata entries, at most {MAX_METADATA_ENTRIES} allowed",
-            metadata.len()
+            "{} {what} entries, at most {MAX_METADATA_ENTRIES} allowed",
+            map.len()
         )));
     }
-    for (k, v) in metadata {
+    for (k, v) in map {
         if k.is_empty() || k.len() > MAX_METADATA_KEY || v.len() > MAX_METADATA_VALUE {
             return Err(Error::InvalidConfig(format!(
-                "metadata {k:?}: keys take 1 to {MAX_METADATA_KEY} bytes, values at most {MAX_METADATA_VALUE}"
+                "{what} {k:?}: keys take 1 to {MAX_METADATA_KEY} bytes, values at most {MAX_METADATA_VALUE}"
+            )));
+        }
+        if what == "environment" && (k.contains('=') || k.contains('\0') || v.contains('\0')) {
+            return Err(Error::InvalidConfig(format!(
+                "environment variable {k:?}: names cannot hold '=' or NUL, values cannot hold NUL"
             )));
         }
     }
@@ -268,7 +287,10 @@ pub(crate) fn read(dir: &Path) -> Option<SandboxInfo> {
         }
     };
     let dir_name = dir.file_name().and_then(|n| n.to_str());
-    if dir_name != Some(info.id.as_str()) || check_metadata(&info.metadata).is_err() {
+    if dir_name != Some(info.id.as_str())
+        || check_metadata(&info.metadata).is_err()
+        || check_map("environment", &info.env).is_err()
+    {
         log::warn!("ignoring {}: it does not belong here", path.display());
         return None;
     }
@@ -293,6 +315,13 @@ pub struct SnapshotInfo {
     pub vcpus: u8,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// That sandbox's environment variables and working directory for
+    /// commands, which sandboxes started from it inherit.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// See `env`.
+    #[serde(default)]
+    pub cwd: Option<String>,
 }
 
 impl SnapshotInfo {
@@ -305,6 +334,8 @@ impl SnapshotInfo {
             created_at_ms: crate::fsutil::now_ms(),
             vcpus: of.vcpus,
             memory_mib: of.memory_mib,
+            env: of.env.clone(),
+            cwd: of.cwd.clone(),
         }
     }
 }
@@ -321,7 +352,10 @@ pub(crate) fn read_snapshot(dir: &Path) -> Option<SnapshotInfo> {
     }
     let info: SnapshotInfo = serde_json::from_reader(std::io::BufReader::new(file)).ok()?;
     let dir_name = dir.file_name().and_then(|n| n.to_str());
-    (dir_name == Some(info.name.as_str()) && check_metadata(&info.metadata).is_ok()).then_some(info)
+    (dir_name == Some(info.name.as_str())
+        && check_metadata(&info.metadata).is_ok()
+        && check_map("environment", &info.env).is_ok())
+    .then_some(info)
 }
 
 #[cfg(test)]
@@ -343,6 +377,8 @@ mod tests {
             timeout_ms: 300_000,
             auto_pause: false,
             end_at_ms: None,
+            env: BTreeMap::new(),
+            cwd: None,
         }
     }
 

@@ -148,7 +148,7 @@ pub fn default_cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache").join("dormouse")
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -195,7 +195,7 @@ impl RuntimeInner {
     /// answered, then paused. Made at the first use (one boot; a concurrent
     /// caller, in this process or another, waits for it) and kept in
     /// `<state dir>/template-snapshots/`, keyed by everything it depends on.
-    async fn template_snapshot(
+    pub(crate) async fn template_snapshot(
         self: &Arc<Self>,
         template: &Template,
         config: &SandboxConfig,
@@ -333,6 +333,19 @@ impl Runtime {
         &self.inner.dir
     }
 
+    pub(crate) fn inner(&self) -> Arc<RuntimeInner> {
+        self.inner.clone()
+    }
+
+    /// The snapshot sandboxes of `template` start from (made if needed).
+    pub(crate) async fn inner_template_snapshot(
+        &self,
+        template: &Template,
+        config: &SandboxConfig,
+    ) -> Result<PathBuf> {
+        self.inner.template_snapshot(template, config).await
+    }
+
     /// The kind of virtualization this host offers (PVM or hardware).
     pub fn host_kind(&self) -> HostKind {
         self.inner.host
@@ -352,6 +365,7 @@ impl Runtime {
     /// template in a state directory makes that snapshot: it boots the
     /// template once (about 40 s on a PVM host) and pauses it.
     ///
+    /// Templates built with [`Runtime::build_template`] are found first.
     /// [`Error::TemplateNotFound`] for an unknown template.
     ///
     /// ```no_run
@@ -361,9 +375,34 @@ impl Runtime {
     /// # Ok(()) }
     /// ```
     pub async fn create(&self, template: &str, config: SandboxConfig) -> Result<Sandbox<Running>> {
+        if let Some((dir, spec)) = crate::build::find(&self.inner.dir, template) {
+            let manifest = snap::read_manifest(&dir)?;
+            let fixed = |asked: Option<u32>, built: u32, what: &str| {
+                match asked {
+                Some(asked) if asked != built => Err(Error::InvalidConfig(format!(
+                    "template {template:?} was built with {built} {what}; build another one for {asked}"
+                ))),
+                _ => Ok(()),
+            }
+            };
+            fixed(config.memory_mib, manifest.sandbox.mem_mib, "MiB of memory")?;
+            fixed(
+                config.vcpus.map(u32::from),
+                u32::from(manifest.sandbox.vcpus),
+                "vCPUs",
+            )?;
+            let mut env = spec.env;
+            env.extend(config.env.clone());
+            let config = SandboxConfig {
+                env,
+                cwd: config.cwd.clone().or(spec.cwd),
+                ..config
+            };
+            return Sandbox::start_from(self.inner.clone(), dir, Some(spec.name), config).await;
+        }
         let template = self.template(template)?;
         let source = self.inner.template_snapshot(&template, &config).await?;
-        Sandbox::start_from(self.inner.clone(), source, config).await
+        Sandbox::start_from(self.inner.clone(), source, None, config).await
     }
 
     /// Starts `n` sandboxes from the named snapshot `name` (see
@@ -383,11 +422,14 @@ impl Runtime {
             name: name.to_owned(),
         };
         let info = info::read_snapshot(&dir).ok_or_else(not_found)?;
+        let template = Some(info.template.clone());
         let config = SandboxConfig {
             metadata: info.metadata,
+            env: info.env,
+            cwd: info.cwd,
             ..SandboxConfig::default()
         };
-        start_many(&self.inner, dir, n, config).await
+        start_many(&self.inner, dir, n, template, config).await
     }
 
     /// The named snapshots, by name.
@@ -678,9 +720,11 @@ pub(crate) async fn start_many(
     rt: &Arc<RuntimeInner>,
     dir: PathBuf,
     n: usize,
+    template: Option<String>,
     config: SandboxConfig,
 ) -> Result<Vec<Sandbox<Running>>> {
-    let starts = (0..n).map(|_| Sandbox::start_from(rt.clone(), dir.clone(), config.clone()));
+    let starts = (0..n)
+        .map(|_| Sandbox::start_from(rt.clone(), dir.clone(), template.clone(), config.clone()));
     let mut started = Vec::with_capacity(n);
     let mut first_error = None;
     for result in futures_join_all(starts).await {
@@ -701,7 +745,7 @@ pub(crate) async fn start_many(
 }
 
 /// Takes an exclusive `flock` on `path` (created if needed), waiting for it.
-fn lock_file(path: &Path) -> Result<std::fs::File> {
+pub(crate) fn lock_file(path: &Path) -> Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::options()
         .create(true)

@@ -517,3 +517,87 @@ async fn retention_deletes_only_expired_paused_sandboxes() {
     live.kill().await.unwrap();
     kept.kill(&young).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_built_on_templates_start_with_their_setup_running() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(rt) = runtime(state.path()).await else {
+        return;
+    };
+    let spec = dormouse::TemplateBuilder::new("web", TEMPLATE)
+        .file("/srv/www/hello.txt", common::HELLO)
+        .run("mkdir -p /srv/www/sub && echo built > /srv/www/sub/marker")
+        .run("test \"$GREETING\" = hi")
+        .env("GREETING", "hi")
+        .cwd("/srv/www")
+        .start("exec python3 -m http.server 8000 --bind 127.0.0.1");
+    let t = Instant::now();
+    assert!(
+        rt.build_template(spec.clone()).await.expect("build"),
+        "built"
+    );
+    eprintln!("template built in {:.1?}", t.elapsed());
+    let t = Instant::now();
+    assert!(
+        !rt.build_template(spec.clone()).await.expect("rebuild"),
+        "reused"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "a reuse does no work"
+    );
+
+    let sbx = rt
+        .create("web", SandboxConfig::default().env("EXTRA", "1"))
+        .await
+        .expect("create from the built template");
+    assert_eq!(sbx.info().template, "web");
+    assert_eq!(
+        sh(&sbx, "echo $GREETING $EXTRA; pwd; cat sub/marker").await,
+        "hi 1\n/srv/www\nbuilt\n"
+    );
+    // The start command runs from the start.
+    let procs = sbx.commands().list().await.unwrap();
+    assert!(
+        procs.iter().any(|p| p.tag.as_deref() == Some("start")),
+        "{procs:?}"
+    );
+    let got = code(
+        &sbx,
+        "import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.1:8000/hello.txt').read().decode(), end='')",
+    )
+    .await;
+    assert_eq!(got, common::HELLO);
+    assert!(matches!(
+        rt.create("web", SandboxConfig::default().memory_mib(4096))
+            .await,
+        Err(Error::InvalidConfig(_))
+    ));
+    sbx.kill().await.unwrap();
+
+    // A failing step names itself; nothing is left of the build.
+    let err = rt
+        .build_template(
+            dormouse::TemplateBuilder::new("bad", TEMPLATE).run("echo oops >&2; exit 3"),
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        Error::TemplateBuild { step, reason, .. } => {
+            assert!(step.contains("exit 3"), "{err}");
+            assert!(reason.contains("oops"), "{err}");
+        }
+        other => panic!("expected a build error, got {other}"),
+    }
+    assert!(matches!(
+        rt.create("bad", SandboxConfig::default()).await,
+        Err(Error::TemplateNotFound { .. })
+    ));
+    assert_eq!(
+        std::fs::read_dir(state.path().join("sandboxes"))
+            .unwrap()
+            .count(),
+        0,
+        "build sandboxes are gone"
+    );
+}

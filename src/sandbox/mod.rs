@@ -118,6 +118,12 @@ pub struct SandboxConfig {
     /// Pause instead of kill when the timeout runs out, after every resume
     /// too (default false).
     pub auto_pause: bool,
+    /// Environment variables every command of the sandbox gets (a
+    /// command's own override them); added to its template's.
+    pub env: BTreeMap<String, String>,
+    /// The working directory of commands that give none (default: the
+    /// template's, else `/`).
+    pub cwd: Option<String>,
 }
 
 /// The timeout of a sandbox unless its [`SandboxConfig`] says otherwise.
@@ -132,6 +138,8 @@ impl Default for SandboxConfig {
             metadata: BTreeMap::new(),
             timeout: DEFAULT_TIMEOUT,
             auto_pause: false,
+            env: BTreeMap::new(),
+            cwd: None,
         }
     }
 }
@@ -167,8 +175,21 @@ impl SandboxConfig {
         self
     }
 
+    /// Adds the environment variable `key` = `value` for every command.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the working directory of commands that give none.
+    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
     fn check(&self) -> Result<()> {
         info::check_metadata(&self.metadata)?;
+        info::check_map("environment", &self.env)?;
         live::check_timeout(self.timeout)
     }
 
@@ -587,6 +608,8 @@ impl Sandbox<Running> {
             timeout_ms: config.timeout.as_millis() as u64,
             auto_pause: config.auto_pause,
             end_at_ms: None,
+            env: config.env,
+            cwd: config.cwd,
         };
         let state = LiveState {
             record,
@@ -620,6 +643,7 @@ impl Sandbox<Running> {
     pub(crate) async fn start_from(
         rt: Arc<RuntimeInner>,
         source: PathBuf,
+        template: Option<String>,
         config: SandboxConfig,
     ) -> Result<Sandbox<Running>> {
         config.check()?;
@@ -643,6 +667,11 @@ impl Sandbox<Running> {
                     st.info.paused_at_ms = None;
                     st.info.timeout_ms = config.timeout.as_millis() as u64;
                     st.info.auto_pause = config.auto_pause;
+                    st.info.env = config.env;
+                    st.info.cwd = config.cwd;
+                    if let Some(template) = template {
+                        st.info.template = template;
+                    }
                     st.save_info(&paused.inner.dir)?;
                 }
                 Ok(paused)
@@ -779,6 +808,12 @@ impl Sandbox<Running> {
         self.stopped().unwrap_or(error)
     }
 
+    /// The environment and working directory commands get by default.
+    pub(crate) fn command_defaults(&self) -> (BTreeMap<String, String>, Option<String>) {
+        let st = self.inner.live.st();
+        (st.info.env.clone(), st.info.cwd.clone())
+    }
+
     /// The link port forwards use.
     pub(crate) fn link(&self) -> Arc<AgentLink> {
         self.inner.link.clone()
@@ -908,13 +943,16 @@ impl Sandbox<Running> {
         self.snapshot_to(&name, target.clone()).await?;
         let rt = self.inner.rt.clone();
         let info = self.info();
+        let template = Some(info.template.clone());
         let config = SandboxConfig {
             metadata: info.metadata,
             timeout: Duration::from_millis(info.timeout_ms),
             auto_pause: info.auto_pause,
+            env: info.env,
+            cwd: info.cwd,
             ..SandboxConfig::default()
         };
-        let children = crate::runtime::start_many(&rt, target.clone(), n, config).await;
+        let children = crate::runtime::start_many(&rt, target.clone(), n, template, config).await;
         if let Err(e) = crate::runtime::remove_snapshot_dir(&target).await {
             log::warn!("{e}");
         }

@@ -90,6 +90,7 @@ impl<'a> Commands<'a> {
     /// # Ok(()) }
     /// ```
     pub async fn exec(&self, request: Command) -> Result<CommandOutput> {
+        let request = self.with_defaults(request);
         let timeout = request.timeout;
         let stream = self.sandbox.connect_agent().await?;
         let out = self
@@ -133,7 +134,28 @@ impl<'a> Commands<'a> {
         self.start(request.background(false)).await
     }
 
+    /// The sandbox's environment and working directory (see
+    /// [`SandboxConfig::env`](crate::SandboxConfig::env)) under the
+    /// request's own.
+    fn with_defaults(&self, mut request: Command) -> Command {
+        let (env, cwd) = self.sandbox.command_defaults();
+        if !env.is_empty() {
+            let own: Vec<(String, String)> = std::mem::take(&mut request.env);
+            let mut merged: Vec<(String, String)> = env
+                .into_iter()
+                .filter(|(k, _)| !own.iter().any(|(o, _)| o == k))
+                .collect();
+            merged.extend(own);
+            request.env = merged;
+        }
+        if request.cwd.is_none() {
+            request.cwd = cwd;
+        }
+        request
+    }
+
     async fn start(&self, request: Command) -> Result<CommandHandle> {
+        let request = self.with_defaults(request);
         let max_output = request.max_output;
         let stream = self.sandbox.connect_agent().await?;
         let stream = self

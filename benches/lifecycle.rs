@@ -1,0 +1,193 @@
+//! Creating sandboxes from a template's snapshot, forking, and the memory
+//! each extra sandbox costs.
+//!
+//! Run with `cargo bench --bench lifecycle` after `guest/build.sh`. Prints
+//! the host kind, then criterion's timings, then a table:
+//!
+//! - `create`: from the template's snapshot to a running sandbox whose
+//!   agent answered (the template snapshot is made before, untimed);
+//! - `create + first command`: the same, then `true` run in the guest;
+//! - `fork N` (N = 1, 4, 16): total, and per sandbox;
+//! - memory per extra idle sandbox of the template: the growth of this
+//!   process's proportional set size (PSS, which counts a page shared by
+//!   mappings once), its anonymous part (pages the sandbox wrote: its own)
+//!   and its file part (pages read from the snapshot, shared by all), for
+//!   `DORMOUSE_BENCH_IDLE` (default 8) sandboxes, divided by their number.
+//!
+//! On a PVM host the guest kernel runs emulated, so everything after the
+//! vCPUs start (the agent answering, a command) is slow; compare numbers
+//! only between runs on the same host kind.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use dormouse::{HostKind, Runtime, SandboxConfig};
+
+const TEMPLATE: &str = "python";
+
+/// `Pss`, `Pss_Anon` and `Pss_File` of this process, in KiB.
+fn pss() -> (u64, u64, u64) {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Pss:"), field("Pss_Anon:"), field("Pss_File:"))
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn benches(c: &mut Criterion) {
+    let host = HostKind::detect();
+    eprintln!("dormouse lifecycle benchmarks on host kind: {host}");
+    let tag = format!("{host:?}").to_lowercase();
+    let tokio_rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let state = tempfile::tempdir().expect("state dir");
+    let rt = tokio_rt
+        .block_on(Runtime::open(state.path()))
+        .expect("open runtime");
+    if let Err(e) = rt.template(TEMPLATE) {
+        eprintln!("\n!!! SKIPPING BENCHMARK: {e}\n!!! run guest/build.sh first\n");
+        return;
+    }
+    // The template's snapshot, made once (a boot), untimed.
+    let t = Instant::now();
+    let first = tokio_rt
+        .block_on(rt.create(TEMPLATE, SandboxConfig::default()))
+        .expect("create");
+    eprintln!("template snapshot made (boot) in {:.1?}", t.elapsed());
+    tokio_rt.block_on(first.kill()).expect("kill");
+
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut group = c.benchmark_group(format!("lifecycle-{tag}"));
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(1));
+    group.warm_up_time(Duration::from_millis(1));
+    let creates = Arc::new(Mutex::new(Vec::new()));
+    group.bench_function("create_from_template", |b| {
+        b.to_async(&tokio_rt).iter_custom(|iters| {
+            let rt = rt.clone();
+            let creates = creates.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    let sbx = rt
+                        .create(TEMPLATE, SandboxConfig::default())
+                        .await
+                        .expect("create");
+                    let took = start.elapsed();
+                    creates.lock().unwrap().push(took);
+                    total += took;
+                    sbx.kill().await.expect("kill");
+                }
+                total
+            }
+        })
+    });
+    let first_commands = Arc::new(Mutex::new(Vec::new()));
+    group.bench_function("create_and_first_command", |b| {
+        b.to_async(&tokio_rt).iter_custom(|iters| {
+            let rt = rt.clone();
+            let first_commands = first_commands.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    let sbx = rt
+                        .create(TEMPLATE, SandboxConfig::default())
+                        .await
+                        .expect("create");
+                    let out = sbx.commands().run("true").await.expect("command");
+                    assert_eq!(out.exit_code, 0);
+                    let took = start.elapsed();
+                    first_commands.lock().unwrap().push(took);
+                    total += took;
+                    sbx.kill().await.expect("kill");
+                }
+                total
+            }
+        })
+    });
+    group.finish();
+    rows.push((
+        "create".into(),
+        format!("{:.1?}", median(&mut creates.lock().unwrap())),
+    ));
+    rows.push((
+        "create + first command".into(),
+        format!("{:.1?}", median(&mut first_commands.lock().unwrap())),
+    ));
+
+    // Fork: N = 1, 4, 16, three times each; medians.
+    let mut parent = tokio_rt
+        .block_on(rt.create(TEMPLATE, SandboxConfig::default()))
+        .expect("create");
+    tokio_rt
+        .block_on(parent.run_code("data = list(range(100_000))"))
+        .expect("run_code");
+    for n in [1usize, 4, 16] {
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let start = Instant::now();
+            let children = tokio_rt.block_on(parent.fork(n)).expect("fork");
+            times.push(start.elapsed());
+            for child in children {
+                tokio_rt.block_on(child.kill()).expect("kill");
+            }
+        }
+        let total = median(&mut times);
+        rows.push((
+            format!("fork {n}"),
+            format!("{total:.1?} total, {:.1?} per sandbox", total / n as u32),
+        ));
+    }
+    tokio_rt.block_on(parent.kill()).expect("kill");
+
+    // Memory per extra idle sandbox.
+    let idle: usize = std::env::var("DORMOUSE_BENCH_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let before = pss();
+    let sandboxes: Vec<_> = (0..idle)
+        .map(|_| {
+            tokio_rt
+                .block_on(rt.create(TEMPLATE, SandboxConfig::default()))
+                .expect("create")
+        })
+        .collect();
+    // Let them settle (the guest's post-resume work).
+    std::thread::sleep(Duration::from_secs(5));
+    let after = pss();
+    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / idle as f64 / 1024.0;
+    rows.push((
+        format!("memory per idle sandbox ({idle})"),
+        format!(
+            "PSS {:.1} MiB (own pages {:.1} MiB, shared snapshot pages {:.1} MiB); guest memory {} MiB",
+            per(before.0, after.0),
+            per(before.1, after.1),
+            per(before.2, after.2),
+            sandboxes[0].info().memory_mib,
+        ),
+    ));
+    for sbx in sandboxes {
+        tokio_rt.block_on(sbx.kill()).expect("kill");
+    }
+
+    println!("\nlifecycle on host kind {host}:");
+    for (what, value) in rows {
+        println!("  {what:<34} {value}");
+    }
+}
+
+criterion_group!(lifecycle, benches);
+criterion_main!(lifecycle);
