@@ -46,10 +46,14 @@ pub struct TemplateBuilder {
     env: BTreeMap<String, String>,
     cwd: Option<String>,
     start: Option<String>,
+    ready: Option<String>,
     memory_mib: Option<u32>,
     vcpus: Option<u8>,
     step_timeout: Duration,
 }
+
+/// How often a build polls its ready command.
+const READY_POLL: Duration = Duration::from_millis(500);
 
 impl TemplateBuilder {
     /// A template `name` built on the template `base` (e.g. `"python"`,
@@ -63,6 +67,7 @@ impl TemplateBuilder {
             env: BTreeMap::new(),
             cwd: None,
             start: None,
+            ready: None,
             memory_mib: None,
             vcpus: None,
             step_timeout: Duration::from_secs(1800),
@@ -100,6 +105,15 @@ impl TemplateBuilder {
     /// sandbox created from the template.
     pub fn start(mut self, cmdline: impl Into<String>) -> Self {
         self.start = Some(cmdline.into());
+        self
+    }
+
+    /// A shell command that exits 0 once the start command is ready (a
+    /// server listens, say): the build runs it until it does (within the
+    /// step timeout) before the snapshot is taken. Without one, the start
+    /// command is snapshotted as soon as it is started.
+    pub fn ready(mut self, cmdline: impl Into<String>) -> Self {
+        self.ready = Some(cmdline.into());
         self
     }
 
@@ -141,6 +155,7 @@ impl TemplateBuilder {
             env: self.env.clone(),
             cwd: self.cwd.clone(),
             start: self.start.clone(),
+            ready: self.ready.clone(),
         }
     }
 }
@@ -158,6 +173,8 @@ pub(crate) struct BuiltSpec {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
     pub start: Option<String>,
+    #[serde(default)]
+    pub ready: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +297,30 @@ impl Runtime {
                     .await
                     .map_err(|e| fail(format!("start {start:?}"), e.to_string()))?;
             }
+            if let Some(ready) = &spec.ready {
+                let step = format!("wait until {ready:?} succeeds");
+                let since = std::time::Instant::now();
+                loop {
+                    let out = sbx
+                        .commands()
+                        .exec(Command::shell(ready).timeout(spec.step_timeout))
+                        .await
+                        .map_err(|e| fail(step.clone(), e.to_string()))?;
+                    if out.exit_code == 0 {
+                        break;
+                    }
+                    if since.elapsed() >= spec.step_timeout {
+                        return Err(fail(
+                            step,
+                            format!(
+                                "still exit code {} after {:?}\nstderr: {}",
+                                out.exit_code, spec.step_timeout, out.stderr
+                            ),
+                        ));
+                    }
+                    tokio::time::sleep(READY_POLL).await;
+                }
+            }
             Ok(())
         };
         if let Err(e) = setup.await {
@@ -324,6 +365,7 @@ mod tests {
             base.clone().env("K", "W"),
             base.clone().cwd("/tmp"),
             base.clone().start("sleep 1"),
+            base.clone().ready("true"),
         ] {
             assert_ne!(spec, other.spec("python-1".into()));
         }

@@ -530,7 +530,8 @@ async fn templates_built_on_templates_start_with_their_setup_running() {
         .run("test \"$GREETING\" = hi")
         .env("GREETING", "hi")
         .cwd("/srv/www")
-        .start("exec python3 -m http.server 8000 --bind 127.0.0.1");
+        .start("exec python3 -m http.server 8000 --bind 127.0.0.1")
+        .ready("bash -c 'exec 3<>/dev/tcp/127.0.0.1/8000'");
     let t = Instant::now();
     assert!(
         rt.build_template(spec.clone()).await.expect("build"),
