@@ -18,8 +18,9 @@ total = 0
 while True:
     n += 1
     total += n * n
-    with open('/tmp/progress', 'w') as f:
+    with open('/tmp/progress.tmp', 'w') as f:
         f.write(f'{n} {total}')
+    os.rename('/tmp/progress.tmp', '/tmp/progress')
     time.sleep(0.1)
 "#;
 
@@ -30,6 +31,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     sbx.files().write("/root/work.py", WORK).await?;
     sbx.commands()
         .spawn(Command::new(["python3", "/root/work.py"]))
+        .await?;
+    sbx.commands()
+        .run("while [ ! -s /tmp/progress ]; do sleep 0.2; done")
         .await?;
 
     let progress = |out: String| out.trim().to_owned();
