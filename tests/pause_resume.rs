@@ -132,7 +132,7 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     };
     let booted = Instant::now();
     let sbx = rt
-        .create(TEMPLATE, SandboxConfig::default())
+        .create(TEMPLATE, common::long_lived())
         .await
         .expect("create");
     let id = sbx.id().to_string();
@@ -359,7 +359,7 @@ async fn a_crash_at_any_point_of_a_pause_loses_nothing() {
         return;
     };
     let sbx = rt
-        .create(TEMPLATE, SandboxConfig::default())
+        .create(TEMPLATE, common::long_lived())
         .await
         .expect("create");
     let id = sbx.id().to_string();

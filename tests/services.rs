@@ -46,7 +46,7 @@ fn shared() -> Option<&'static Shared> {
                 let rt = runtime(&state).await?;
                 let start = Instant::now();
                 let sbx = rt
-                    .create(TEMPLATE, SandboxConfig::default())
+                    .create(TEMPLATE, common::long_lived())
                     .await
                     .expect("create the shared sandbox");
                 eprintln!("shared sandbox {} ready in {:?}", sbx.id(), start.elapsed());

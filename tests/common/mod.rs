@@ -40,6 +40,12 @@ pub async fn runtime(state: &Path) -> Option<Runtime> {
     Some(rt)
 }
 
+/// The config of a sandbox a test uses longer than the default 5-minute
+/// timeout.
+pub fn long_lived() -> dormouse::SandboxConfig {
+    dormouse::SandboxConfig::default().timeout(std::time::Duration::from_secs(3600))
+}
+
 /// What `GET /hello.txt` returns from [`start_hello_server`].
 pub const HELLO: &str = "hello from the guest\n";
 
