@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{runtime, TEMPLATE};
 use dormouse::snapshot::SnapshotError;
-use dormouse::{Command, Error, Running, Sandbox, SandboxConfig};
+use dormouse::{Command, Error, Running, Sandbox};
 
 /// Set in the child process this test spawns: the sandbox to resume.
 const CHILD_ID_ENV: &str = "DORMOUSE_TEST_CHILD_SANDBOX";

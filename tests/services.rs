@@ -9,10 +9,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{runtime, TEMPLATE};
-use dormouse::{
-    Command, CommandEvent, EntryKind, Error, FileEventKind, Running, Runtime, Sandbox,
-    SandboxConfig,
-};
+use dormouse::{Command, CommandEvent, EntryKind, Error, FileEventKind, Running, Runtime, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Shared {
