@@ -685,35 +685,6 @@ fn current_info(dir: &Path) -> Option<SandboxInfo> {
     Some(info)
 }
 
-/// Runs the futures concurrently and collects their outputs in order.
-async fn futures_join_all<T, F>(futures: impl IntoIterator<Item = F>) -> Vec<T>
-where
-    F: std::future::Future<Output = T>,
-{
-    let mut set: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<T>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (fut, slot) in set.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match fut.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter()
-        .map(|v| v.expect("every future finished"))
-        .collect()
-}
-
 /// Starts `n` sandboxes from the snapshot directory `dir` concurrently;
 /// if any fails, kills the others and returns its error.
 pub(crate) async fn start_many(
@@ -727,7 +698,7 @@ pub(crate) async fn start_many(
         .map(|_| Sandbox::start_from(rt.clone(), dir.clone(), template.clone(), config.clone()));
     let mut started = Vec::with_capacity(n);
     let mut first_error = None;
-    for result in futures_join_all(starts).await {
+    for result in crate::services::join_all(starts).await {
         match result {
             Ok(sbx) => started.push(sbx),
             Err(e) => {

@@ -6,6 +6,7 @@
 mod code;
 mod commands;
 mod files;
+pub(crate) use files::join_all;
 mod ports;
 
 pub use code::{CodeContexts, Execution};
