@@ -175,6 +175,13 @@ where
     ])
     .await?;
     conn.read_ack().await?;
+    // The agent answers once the stream is attached, so no output written
+    // after this returns is missed.
+    match conn.next("while attaching").await? {
+        Frame::Started(Started { pid: attached }) if attached == pid => {}
+        Frame::Error(e) => return Err(remote(e)),
+        other => return Err(unexpected(&other, "Started")),
+    }
     let Conn { stream, dec } = conn;
     let (rd, wr) = tokio::io::split(stream);
     Ok(ProcessStream {

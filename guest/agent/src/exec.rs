@@ -145,9 +145,12 @@ fn not_found(pid: i32) -> Frame {
 }
 
 /// Streams a running command's output to `conn` until it ends or the host
-/// detaches (closing the stream, which leaves the command running).
+/// detaches (closing the stream, which leaves the command running). The
+/// `Started` frame first tells the host it is attached: output the command
+/// writes from then on reaches it.
 fn attach(conn: &File, reader: &mut FrameReader<&File>, proc: &Proc) {
-    match proc.subscribe(conn, None) {
+    let attached = Frame::Started(Started { pid: proc.pid });
+    match proc.subscribe(conn, Some(&attached)) {
         Ok(true) => {}
         Ok(false) => {
             let _ = write_frame(&mut &*conn, &not_found(proc.pid));
