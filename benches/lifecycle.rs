@@ -73,6 +73,8 @@ fn benches(c: &mut Criterion) {
     group.warm_up_time(Duration::from_millis(1));
     let creates = Arc::new(Mutex::new(Vec::new()));
     let first_commands = Arc::new(Mutex::new(Vec::new()));
+    let vmm_side = Arc::new(Mutex::new(Vec::new()));
+    let guest_side = Arc::new(Mutex::new(Vec::new()));
     for (name, command, times) in [
         ("create_from_template", false, &creates),
         ("create_and_first_command", true, &first_commands),
@@ -81,6 +83,7 @@ fn benches(c: &mut Criterion) {
             b.to_async(&tokio_rt).iter_custom(|iters| {
                 let rt = rt.clone();
                 let times = times.clone();
+                let (vmm_side, guest_side) = (vmm_side.clone(), guest_side.clone());
                 async move {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
@@ -89,6 +92,9 @@ fn benches(c: &mut Criterion) {
                             .create(TEMPLATE, SandboxConfig::default())
                             .await
                             .expect("create");
+                        let parts = sbx.start_timings().expect("a created sandbox has timings");
+                        vmm_side.lock().unwrap().push(parts.prepare + parts.restore);
+                        guest_side.lock().unwrap().push(parts.agent);
                         if command {
                             let out = sbx.commands().run("true").await.expect("command");
                             assert_eq!(out.exit_code, 0);
@@ -109,6 +115,14 @@ fn benches(c: &mut Criterion) {
         format!("{:.1?}", median(&mut creates.lock().unwrap())),
     ));
     rows.push((
+        "  of which VMM side (files, restore)".into(),
+        format!("{:.1?}", median(&mut vmm_side.lock().unwrap())),
+    ));
+    rows.push((
+        "  of which guest side (agent answers)".into(),
+        format!("{:.1?}", median(&mut guest_side.lock().unwrap())),
+    ));
+    rows.push((
         "create + first command".into(),
         format!("{:.1?}", median(&mut first_commands.lock().unwrap())),
     ));
@@ -122,10 +136,17 @@ fn benches(c: &mut Criterion) {
         .expect("run_code");
     for n in [1usize, 4, 16] {
         let mut times = Vec::new();
+        let mut vmm = Vec::new();
         for _ in 0..3 {
             let start = Instant::now();
             let children = tokio_rt.block_on(parent.fork(n)).expect("fork");
             times.push(start.elapsed());
+            vmm.extend(
+                children
+                    .iter()
+                    .filter_map(|c| c.start_timings())
+                    .map(|t| t.prepare + t.restore),
+            );
             for child in children {
                 tokio_rt.block_on(child.kill()).expect("kill");
             }
@@ -133,7 +154,11 @@ fn benches(c: &mut Criterion) {
         let total = median(&mut times);
         rows.push((
             format!("fork {n}"),
-            format!("{total:.1?} total, {:.1?} per sandbox", total / n as u32),
+            format!(
+                "{total:.1?} total, {:.1?} per sandbox (VMM side {:.1?} each)",
+                total / n as u32,
+                median(&mut vmm)
+            ),
         ));
     }
     tokio_rt.block_on(parent.kill()).expect("kill");
@@ -171,7 +196,7 @@ fn benches(c: &mut Criterion) {
 
     println!("\nlifecycle on host kind {host}:");
     for (what, value) in rows {
-        println!("  {what:<34} {value}");
+        println!("  {what:<40} {value}");
     }
 }
 

@@ -53,7 +53,8 @@ pub use proto::{
 };
 pub use runtime::{default_cache_dir, Runtime, RuntimeBuilder, DEFAULT_MAX_RUNNING};
 pub use sandbox::{
-    PauseError, Paused, ResumeError, Running, Sandbox, SandboxConfig, SandboxId, DEFAULT_TIMEOUT,
+    PauseError, Paused, ResumeError, Running, Sandbox, SandboxConfig, SandboxId, StartTimings,
+    DEFAULT_TIMEOUT,
 };
 pub use services::{
     CodeContexts, CommandEvent, CommandHandle, CommandOutput, Commands, DirWatcher, Execution,

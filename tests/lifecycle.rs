@@ -51,7 +51,15 @@ async fn snapshots_and_forks_start_independent_copies() {
         .create(TEMPLATE, SandboxConfig::default())
         .await
         .expect("create");
-    eprintln!("second create (from the snapshot): {:.2?}", t.elapsed());
+    eprintln!(
+        "second create (from the snapshot): {:.2?}: {:?}",
+        t.elapsed(),
+        other.start_timings()
+    );
+    let parts = other
+        .start_timings()
+        .expect("a created sandbox has timings");
+    assert!(parts.prepare + parts.restore + parts.agent <= t.elapsed());
     assert_eq!(sh(&other, "echo ready").await, "ready\n");
     assert_eq!(
         std::fs::read_dir(state.path().join("template-snapshots"))

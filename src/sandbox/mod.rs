@@ -229,6 +229,24 @@ struct SandboxInner {
     live: Arc<Live>,
     /// While running: the lifecycle timer.
     timer: Option<tokio::task::AbortHandle>,
+    /// How the last start (create or resume) went.
+    timings: Option<StartTimings>,
+}
+
+/// How long the last start of a sandbox (its creation, or its last resume)
+/// took, by part: see [`Sandbox::start_timings`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StartTimings {
+    /// A new sandbox: its directory made from the snapshot it starts from
+    /// (memory files linked, disk overlay copied). Zero for a resume.
+    pub prepare: Duration,
+    /// Until the vCPUs run: snapshot files read and checked, memory
+    /// mapped, disk opened, machine state restored. The VMM's part.
+    pub restore: Duration,
+    /// From then until the guest agent answered (the guest handles the
+    /// vsock reset, sets its clock and takes fresh entropy). The guest's
+    /// part: slow where its kernel runs emulated (PVM).
+    pub agent: Duration,
 }
 
 /// How the host reaches a sandbox's guest: the vsock connector while the
@@ -342,6 +360,7 @@ impl SandboxInner {
             link,
             live,
             timer: None,
+            timings: None,
         }
     }
 
@@ -647,6 +666,7 @@ impl Sandbox<Running> {
         config: SandboxConfig,
     ) -> Result<Sandbox<Running>> {
         config.check()?;
+        let started = Instant::now();
         let (id, dir, lock, guard) = new_sandbox_dir(&rt).await?;
         let paused = {
             let (rt, id, dir) = (rt.clone(), id.clone(), dir.clone());
@@ -680,8 +700,14 @@ impl Sandbox<Running> {
             .map_err(|e| join_error("create", e))??
         };
         std::mem::forget(guard); // `paused` owns the directory now
+        let prepared = started.elapsed();
         match paused.resume().await {
-            Ok(sandbox) => Ok(sandbox),
+            Ok(mut sandbox) => {
+                if let Some(timings) = &mut sandbox.inner.timings {
+                    timings.prepare = prepared;
+                }
+                Ok(sandbox)
+            }
             Err(e) => {
                 if let Some(paused) = e.sandbox {
                     // Never ran as itself: nothing to keep.
@@ -806,6 +832,12 @@ impl Sandbox<Running> {
             self.inner.live.wait_transition().await;
         }
         self.stopped().unwrap_or(error)
+    }
+
+    /// How long its last start (creation or resume) took, by part; `None`
+    /// for a sandbox that booted (a template's).
+    pub fn start_timings(&self) -> Option<StartTimings> {
+        self.inner.timings
     }
 
     /// The environment and working directory commands get by default.
@@ -1127,6 +1159,7 @@ impl Sandbox<Paused> {
         mut self,
         timeout: Option<Duration>,
     ) -> std::result::Result<Sandbox<Running>, ResumeError> {
+        let started = Instant::now();
         match self.restore().await {
             Ok(()) => {}
             Err(error) => {
@@ -1141,8 +1174,14 @@ impl Sandbox<Paused> {
             _state: PhantomData,
         };
         running.inner.live.st().delete_on_drop = true;
+        let restored = started.elapsed();
         match running.wait_for_agent(RESUME_TIMEOUT).await {
             Ok(()) => {
+                running.inner.timings = Some(StartTimings {
+                    prepare: Duration::ZERO,
+                    restore: restored,
+                    agent: started.elapsed() - restored,
+                });
                 running.inner.start_running(timeout);
                 Ok(running)
             }
