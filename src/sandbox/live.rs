@@ -84,6 +84,18 @@ impl LiveState {
     pub(super) fn save_info(&self, dir: &std::path::Path) -> Result<()> {
         info::write(dir, &self.info)
     }
+
+    /// Makes the timer act `timeout` from now, within the maximum running
+    /// time, and records when in the sandbox's record.
+    pub(super) fn set_deadline(&mut self, timeout: Duration) {
+        let now = Instant::now();
+        let mut deadline = now + timeout;
+        if let Some(limit) = self.run_limit {
+            deadline = deadline.min(limit);
+        }
+        self.deadline = Some(deadline);
+        self.info.end_at_ms = Some(now_ms() + (deadline - now).as_millis() as u64);
+    }
 }
 
 impl Live {
@@ -252,13 +264,7 @@ impl Live {
                 id: self.id.to_string(),
             });
         }
-        let now = Instant::now();
-        let mut deadline = now + timeout;
-        if let Some(limit) = st.run_limit {
-            deadline = deadline.min(limit);
-        }
-        st.deadline = Some(deadline);
-        st.info.end_at_ms = Some(now_ms() + (deadline - now).as_millis() as u64);
+        st.set_deadline(timeout);
         if let Err(e) = st.save_info(&self.dir) {
             log::warn!("{e}");
         }

@@ -369,18 +369,12 @@ impl SandboxInner {
     fn start_running(&mut self, timeout: Option<Duration>) {
         {
             let mut st = self.live.st();
-            let now = now_ms();
             st.info.state = SandboxState::Running;
-            st.info.started_at_ms = now;
+            st.info.started_at_ms = now_ms();
             let timeout = timeout.unwrap_or(Duration::from_millis(st.info.timeout_ms));
             let start = tokio::time::Instant::now();
             st.run_limit = self.rt.max_running.map(|max| start + max);
-            let mut deadline = start + timeout;
-            if let Some(limit) = st.run_limit {
-                deadline = deadline.min(limit);
-            }
-            st.deadline = Some(deadline);
-            st.info.end_at_ms = Some(now + (deadline - start).as_millis() as u64);
+            st.set_deadline(timeout);
             if let Err(e) = st.save_info(&self.dir) {
                 log::warn!("{e}");
             }
