@@ -405,6 +405,23 @@ impl Runtime {
         Sandbox::start_from(self.inner.clone(), source, None, config).await
     }
 
+    /// Makes sure `template` can be created from without a boot: for a
+    /// base template, boots it and keeps its snapshot if this state
+    /// directory has none yet (what the first [`Self::create`] would do,
+    /// minus the sandbox). A server calls this before it says it is ready.
+    ///
+    /// [`Error::TemplateNotFound`] for an unknown template.
+    pub async fn prepare(&self, template: &str) -> Result<()> {
+        if crate::build::find(&self.inner.dir, template).is_some() {
+            return Ok(());
+        }
+        let template = self.template(template)?;
+        self.inner
+            .template_snapshot(&template, &SandboxConfig::default())
+            .await
+            .map(drop)
+    }
+
     /// Starts `n` sandboxes from the named snapshot `name` (see
     /// [`Sandbox::snapshot`]), concurrently. Each is independent from the
     /// start; they share the snapshot's memory pages until they write them,

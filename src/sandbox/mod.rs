@@ -828,6 +828,14 @@ impl Sandbox<Running> {
         self.stopped().unwrap_or(error)
     }
 
+    /// `Ok` while this handle's guest runs; else the error its calls give:
+    /// [`Error::SandboxPaused`] or [`Error::NotFound`] once the sandbox was
+    /// taken from it (its timeout, or by id), [`Error::GuestStopped`] if
+    /// the guest stopped. Costs no request to the guest.
+    pub fn check(&self) -> Result<()> {
+        self.stopped().map_or(Ok(()), Err)
+    }
+
     /// How long its last start (creation or resume) took, by part; `None`
     /// for a sandbox that booted (a template's).
     pub fn start_timings(&self) -> Option<StartTimings> {

@@ -41,6 +41,51 @@ impl<'a> Ports<'a> {
             .await
     }
 
+    /// One connection to `guest_port` on the guest's loopback, as a stream
+    /// in this process (what [`Self::expose`] does for each client it
+    /// accepts, for a caller that is its own proxy). Nothing listening
+    /// there gives the guest's "connection refused" as an error.
+    ///
+    /// ```no_run
+    /// # async fn demo(sbx: dormouse::Sandbox<dormouse::Running>) -> dormouse::Result<()> {
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// let mut conn = sbx.ports().connect(8000).await?;
+    /// conn.write_all(b"GET / HTTP/1.0\r\n\r\n").await.ok();
+    /// let mut answer = Vec::new();
+    /// conn.read_to_end(&mut answer).await.ok();
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(&self, guest_port: u16) -> Result<tokio::io::DuplexStream> {
+        if guest_port == 0 {
+            return Err(Error::InvalidConfig(
+                "guest port 0 cannot be connected to; give the port the guest server listens on"
+                    .into(),
+            ));
+        }
+        let stream = self.sandbox.connect_agent().await?;
+        let (mut guest, early) = self
+            .sandbox
+            .while_alive(crate::agent::ports::forward(stream, guest_port))
+            .await?;
+        let (ours, mut theirs) = tokio::io::duplex(256 << 10);
+        let link = self.sandbox.link();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let copy = async {
+                theirs.write_all(&early).await?;
+                tokio::io::copy_bidirectional(&mut theirs, &mut guest).await
+            };
+            tokio::select! {
+                result = copy => if let Err(e) = result {
+                    log::debug!("port {guest_port}: connection ended: {e}");
+                },
+                // Killed or paused: the connection ends with the guest.
+                () = link.closed() => {}
+            }
+        });
+        Ok(ours)
+    }
+
     /// Like [`Self::expose`] on a host address of your choice.
     pub async fn expose_on(&self, guest_port: u16, addr: SocketAddr) -> Result<PortForward> {
         if guest_port == 0 {

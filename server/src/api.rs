@@ -1,0 +1,542 @@
+//! The control plane: E2B's REST API for sandboxes (create, connect, pause,
+//! resume, list, info, timeout, kill), each request authenticated by its
+//! `X-API-KEY` and limited to that key's sandboxes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dormouse::{ListQuery, SandboxConfig, SandboxInfo, SandboxState};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::{
+    self, AppState, Live, Owner, OWNER_KEY, RESERVED_PREFIX, TOKEN_KEY, TRAFFIC_TOKEN_KEY,
+};
+
+/// The envd version reported for every sandbox: the SDK turns features on
+/// by it, and the data plane here implements what that version has.
+pub const ENVD_VERSION: &str = "0.5.7";
+/// E2B's client id field; one host runs everything here.
+const CLIENT_ID: &str = "dormouse";
+/// The timeout of a create or connect that names none (what the SDK
+/// documents: it leaves the field out and means 300 s).
+const DEFAULT_TIMEOUT_SECS: u64 = 300;
+/// The longest timeout a request may ask for: the runtime's maximum
+/// running time.
+pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+/// Control-plane bodies are small JSON documents.
+pub const MAX_BODY: usize = 256 << 10;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/sandboxes", post(create).get(list_v1))
+        .route("/v2/sandboxes", post(create).get(list_v2))
+        .route("/sandboxes/{id}", get(detail).delete(kill))
+        .route("/v2/sandboxes/{id}", get(detail))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/refreshes", post(refresh))
+        .fallback(unknown_route)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    match st.readiness() {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Err(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
+
+pub async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route {method} {}", uri.path()),
+    )
+}
+
+/// `POST /sandboxes` and `/v2/sandboxes`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    timeout: Option<u64>,
+    auto_pause: Option<bool>,
+    metadata: Option<BTreeMap<String, String>>,
+    env_vars: Option<BTreeMap<String, String>>,
+    lifecycle: Option<Lifecycle>,
+}
+
+/// The newer spelling of auto-pause: `{"lifecycle": {"onTimeout": "pause"}}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Lifecycle {
+    on_timeout: Option<OnTimeout>,
+}
+
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum OnTimeout {
+    Kill,
+    Pause,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TimeoutBody {
+    timeout: Option<u64>,
+}
+
+fn timeout_of(secs: Option<u64>, default: u64) -> ApiResult<Duration> {
+    let secs = secs.unwrap_or(default);
+    if secs == 0 || secs > MAX_TIMEOUT_SECS {
+        return Err(ApiError::bad_request(format!(
+            "timeout {secs} s is out of range: give 1 to {MAX_TIMEOUT_SECS} seconds"
+        )));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+async fn create(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Json<NewSandbox>, JsonRejection>,
+) -> ApiResult<Response> {
+    let owner = st.keys.authenticate(&headers)?;
+    let Json(body) = body?;
+    let timeout = timeout_of(body.timeout, DEFAULT_TIMEOUT_SECS)?;
+    let auto_pause = body.auto_pause.unwrap_or(false)
+        || body.lifecycle.and_then(|l| l.on_timeout) == Some(OnTimeout::Pause);
+    let template = st
+        .aliases
+        .get(&body.template_id)
+        .cloned()
+        .unwrap_or_else(|| body.template_id.clone());
+    let mut config = SandboxConfig::default()
+        .timeout(timeout)
+        .auto_pause(auto_pause)
+        .metadata(OWNER_KEY, owner.as_str())
+        .metadata(TOKEN_KEY, state::new_token()?)
+        .metadata(TRAFFIC_TOKEN_KEY, state::new_token()?);
+    for (k, v) in body.metadata.unwrap_or_default() {
+        if k.starts_with(RESERVED_PREFIX) {
+            return Err(ApiError::bad_request(format!(
+                "metadata key {k:?} is reserved (keys starting with {RESERVED_PREFIX:?} are the server's)"
+            )));
+        }
+        config = config.metadata(k, v);
+    }
+    for (k, v) in body.env_vars.unwrap_or_default() {
+        config = config.env(k, v);
+    }
+    let sandbox = st.rt.create(&template, config).await.map_err(|e| match e {
+        dormouse::Error::TemplateNotFound { .. } => ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("template {:?} not found", body.template_id),
+        ),
+        e => e.into(),
+    })?;
+    let live = st.insert(sandbox);
+    log::info!("created sandbox {} from {template}", live.sandbox.id());
+    Ok((StatusCode::CREATED, Json(st.sandbox_json(&live))).into_response())
+}
+
+/// Resumes `id` if it is paused; a running one gets the timeout if that
+/// ends later than its current one (E2B's connect). Returns whether it was
+/// resumed.
+async fn ensure_running(
+    st: &AppState,
+    id: &str,
+    owner: &Owner,
+    timeout: Duration,
+) -> ApiResult<(Arc<Live>, bool)> {
+    let _transition = st.transition(id).await;
+    let info = st.info_for(id, owner).await?;
+    if info.state != SandboxState::Paused {
+        if let Some(live) = st.running(id) {
+            let asked_end = now_ms() + timeout.as_millis() as u64;
+            if info.end_at_ms.is_none_or(|end| asked_end > end) {
+                match live.sandbox.set_timeout(timeout) {
+                    Ok(()) => return Ok((live, false)),
+                    // Paused (its timeout ran out) since we looked: resume.
+                    Err(dormouse::Error::SandboxPaused { .. }) => st.remove(id),
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                return Ok((live, false));
+            }
+        }
+    }
+    let sandbox = st.rt.connect_with_timeout(id, timeout).await?;
+    log::info!("resumed sandbox {id}");
+    Ok((st.insert(sandbox), true))
+}
+
+async fn connect(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<TimeoutBody>, JsonRejection>,
+) -> ApiResult<Response> {
+    let owner = st.keys.authenticate(&headers)?;
+    let Json(body) = body?;
+    let timeout = timeout_of(body.timeout, DEFAULT_TIMEOUT_SECS)?;
+    let (live, resumed) = ensure_running(&st, &id, &owner, timeout).await?;
+    let status = if resumed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(st.sandbox_json(&live))).into_response())
+}
+
+/// The older `resume`: 409 for a sandbox that is not paused.
+async fn resume(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<TimeoutBody>, JsonRejection>,
+) -> ApiResult<Response> {
+    let owner = st.keys.authenticate(&headers)?;
+    let Json(body) = body?;
+    let timeout = timeout_of(body.timeout, DEFAULT_TIMEOUT_SECS)?;
+    if st.info_for(&id, &owner).await?.state != SandboxState::Paused {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is already running"),
+        ));
+    }
+    let (live, _) = ensure_running(&st, &id, &owner, timeout).await?;
+    Ok((StatusCode::CREATED, Json(st.sandbox_json(&live))).into_response())
+}
+
+async fn pause(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let owner = st.keys.authenticate(&headers)?;
+    let _transition = st.transition(&id).await;
+    if st.info_for(&id, &owner).await?.state == SandboxState::Paused {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is already paused"),
+        ));
+    }
+    st.rt.pause(&id).await?;
+    st.remove(&id);
+    log::info!("paused sandbox {id}");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn kill(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let owner = st.keys.authenticate(&headers)?;
+    let transition = st.transition(&id).await;
+    st.info_for(&id, &owner).await?;
+    st.rt.kill(&id).await?;
+    st.remove(&id);
+    drop(transition);
+    st.forget_transitions(&id);
+    log::info!("killed sandbox {id}");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_timeout(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<TimeoutBody>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    let owner = st.keys.authenticate(&headers)?;
+    let Json(body) = body?;
+    let Some(secs) = body.timeout else {
+        return Err(ApiError::bad_request("missing \"timeout\" (seconds)"));
+    };
+    let timeout = timeout_of(Some(secs), secs)?;
+    st.info_for(&id, &owner).await?;
+    st.rt.set_timeout(&id, timeout).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The older keep-alive: `{"duration": seconds}` extends the timeout.
+async fn refresh(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    let owner = st.keys.authenticate(&headers)?;
+    let Json(body) = body?;
+    let secs = match body.get("duration") {
+        None | Some(Value::Null) => DEFAULT_TIMEOUT_SECS,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| ApiError::bad_request("\"duration\" must be a number of seconds"))?,
+    };
+    let timeout = timeout_of(Some(secs), secs)?;
+    st.info_for(&id, &owner).await?;
+    st.rt.set_timeout(&id, timeout).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn detail(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let owner = st.keys.authenticate(&headers)?;
+    let info = st.info_for(&id, &owner).await?;
+    let mut item = listed(&info);
+    item["envdAccessToken"] = json!(info.metadata.get(TOKEN_KEY));
+    item["trafficAccessToken"] = json!(info.metadata.get(TRAFFIC_TOKEN_KEY));
+    item["domain"] = json!(st.domain);
+    item["lifecycle"] = json!({
+        "autoResume": false,
+        "onTimeout": if info.auto_pause { "pause" } else { "kill" },
+    });
+    Ok(Json(item))
+}
+
+/// `GET /sandboxes`: the running sandboxes of the key (E2B's first list).
+async fn list_v1(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Response> {
+    let owner = st.keys.authenticate(&headers)?;
+    let params = ListParams::parse(query.as_deref())?;
+    let mut items = Vec::new();
+    let mut token = None;
+    loop {
+        let mut q = params
+            .query(&owner)
+            .state([SandboxState::Running, SandboxState::Snapshotting]);
+        q = q.limit(dormouse_max_limit());
+        if let Some(t) = token.take() {
+            q = q.next_token(t);
+        }
+        let page = st.rt.list(q).await?;
+        items.extend(page.sandboxes.iter().map(listed));
+        match page.next_token {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    Ok(Json(items).into_response())
+}
+
+fn dormouse_max_limit() -> usize {
+    1000
+}
+
+/// `GET /v2/sandboxes`: filtered by state and metadata, paginated with
+/// `limit` and `nextToken`, the next token in `X-Next-Token`.
+async fn list_v2(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Response> {
+    let owner = st.keys.authenticate(&headers)?;
+    let params = ListParams::parse(query.as_deref())?;
+    let mut q = params.query(&owner);
+    let states = if params.states.is_empty() {
+        vec![SandboxState::Running, SandboxState::Paused]
+    } else {
+        params.states.clone()
+    };
+    let mut states_q = states.clone();
+    if states.contains(&SandboxState::Running) {
+        states_q.push(SandboxState::Snapshotting);
+    }
+    q = q.state(states_q);
+    if let Some(limit) = params.limit {
+        q = q.limit(limit);
+    }
+    if let Some(t) = &params.next_token {
+        q = q.next_token(t.clone());
+    }
+    let page = st.rt.list(q).await.map_err(|e| match e {
+        dormouse::Error::InvalidConfig(m) => ApiError::bad_request(m),
+        e => e.into(),
+    })?;
+    let items: Vec<Value> = page.sandboxes.iter().map(listed).collect();
+    let mut response = Json(items).into_response();
+    if let Some(t) = page.next_token {
+        let value = HeaderValue::from_str(&t).map_err(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unprintable list token")
+        })?;
+        response.headers_mut().insert("x-next-token", value);
+    }
+    Ok(response)
+}
+
+/// The query of a list: `state` (comma-separated or repeated), `metadata`
+/// (URL-encoded `k=v&k2=v2`), `limit`, `nextToken`.
+#[derive(Debug, Default)]
+struct ListParams {
+    states: Vec<SandboxState>,
+    metadata: BTreeMap<String, String>,
+    limit: Option<usize>,
+    next_token: Option<String>,
+}
+
+impl ListParams {
+    fn parse(query: Option<&str>) -> ApiResult<Self> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+        let mut params = ListParams::default();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "state" => {
+                    for s in value.split(',').filter(|s| !s.is_empty()) {
+                        params.states.push(match s {
+                            "running" => SandboxState::Running,
+                            "paused" => SandboxState::Paused,
+                            other => {
+                                return Err(ApiError::bad_request(format!(
+                                    "unknown state {other:?}: use running or paused"
+                                )))
+                            }
+                        });
+                    }
+                }
+                "metadata" => {
+                    let kv: Vec<(String, String)> =
+                        serde_urlencoded::from_str(&value).map_err(|e| {
+                            ApiError::bad_request(format!("invalid metadata filter: {e}"))
+                        })?;
+                    params.metadata.extend(kv);
+                }
+                "limit" => {
+                    let limit: usize = value.parse().map_err(|_| {
+                        ApiError::bad_request(format!("limit {value:?} is not a number"))
+                    })?;
+                    if limit == 0 || limit > 1000 {
+                        return Err(ApiError::bad_request(format!(
+                            "limit {limit} is out of range: give 1 to 1000"
+                        )));
+                    }
+                    params.limit = Some(limit);
+                }
+                "nextToken" => params.next_token = Some(value).filter(|t| !t.is_empty()),
+                _ => {}
+            }
+        }
+        if params
+            .metadata
+            .keys()
+            .any(|k| k.starts_with(RESERVED_PREFIX))
+        {
+            return Err(ApiError::bad_request(format!(
+                "metadata keys starting with {RESERVED_PREFIX:?} are reserved"
+            )));
+        }
+        Ok(params)
+    }
+
+    fn query(&self, owner: &Owner) -> ListQuery {
+        let mut q = ListQuery::default().metadata(OWNER_KEY, owner.as_str());
+        for (k, v) in &self.metadata {
+            q = q.metadata(k.clone(), v.clone());
+        }
+        q
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// A sandbox as E2B lists it.
+fn listed(info: &SandboxInfo) -> Value {
+    let end = info
+        .end_at_ms
+        .unwrap_or(info.started_at_ms + info.timeout_ms);
+    json!({
+        "templateID": info.template,
+        "alias": info.template,
+        "sandboxID": info.id,
+        "clientID": CLIENT_ID,
+        "startedAt": rfc3339(info.started_at_ms),
+        "endAt": rfc3339(end),
+        "cpuCount": info.vcpus,
+        "memoryMB": info.memory_mib,
+        "diskSizeMB": info.disk_mib,
+        "state": state::e2b_state(info.state),
+        "envdVersion": ENVD_VERSION,
+        "metadata": state::visible_metadata(info),
+    })
+}
+
+impl AppState {
+    /// The body of a create or connect answer.
+    fn sandbox_json(&self, live: &Live) -> Value {
+        json!({
+            "templateID": live.sandbox.template(),
+            "sandboxID": live.sandbox.id().as_str(),
+            "clientID": CLIENT_ID,
+            "envdVersion": ENVD_VERSION,
+            "envdAccessToken": live.token,
+            "trafficAccessToken": live.traffic_token,
+            "domain": self.domain,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_params_parse_states_metadata_and_limits() {
+        let p = ListParams::parse(Some(
+            "state=running,paused&metadata=user%3Dalice%26env%3Ddev&limit=4&nextToken=abc",
+        ))
+        .unwrap();
+        assert_eq!(p.states, [SandboxState::Running, SandboxState::Paused]);
+        assert_eq!(p.metadata.get("user").map(String::as_str), Some("alice"));
+        assert_eq!(p.metadata.get("env").map(String::as_str), Some("dev"));
+        assert_eq!((p.limit, p.next_token.as_deref()), (Some(4), Some("abc")));
+        let p = ListParams::parse(Some("state=paused&state=running")).unwrap();
+        assert_eq!(p.states, [SandboxState::Paused, SandboxState::Running]);
+        for bad in [
+            "state=sleeping",
+            "limit=0",
+            "limit=1001",
+            "limit=x",
+            "metadata=dormouse.owner%3Dx",
+        ] {
+            let e = ListParams::parse(Some(bad)).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn timeouts_are_bounded() {
+        assert_eq!(timeout_of(None, 15).unwrap(), Duration::from_secs(15));
+        assert!(timeout_of(Some(0), 15).is_err());
+        assert!(timeout_of(Some(MAX_TIMEOUT_SECS + 1), 15).is_err());
+    }
+}
