@@ -178,6 +178,13 @@ grep -q '^user:' "$r/etc/passwd" || {
     echo 'user:*:20000:0:99999:7:::' >> "$r/etc/shadow"
 }
 install -d -m 0755 -o 1000 -g 1000 "$r/home/user"
+# Login shells start no programs of their own: E2B's SDKs run every command
+# through `bash -l -c`, and each process start is costly in a guest whose
+# kernel runs emulated (PVM). /etc/profile asks `id -u` (bash knows its
+# EUID), root's ~/.profile runs `mesg n` (meaningless without a terminal).
+sed -i 's/"$(id -u)"/"${EUID:-$(id -u)}"/g' "$r/etc/profile"
+grep -q 'EUID:-' "$r/etc/profile" || { log "/etc/profile: no id -u to replace"; exit 1; }
+sed -i 's/^mesg n 2> \/dev\/null || true$/[ -t 0 ] \&\& mesg n 2> \/dev\/null || true/' "$r/root/.profile"
 sbin=$(in_tree sbin)
 install -m 0755 "$agent" "$sbin/dormouse-agent"
 # The default init of the kernel finds the agent too (init= not required).

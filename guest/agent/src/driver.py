@@ -185,6 +185,14 @@ def main():
     sys.modules["__main__"] = user
     ns = user.__dict__
     requests = open(_REQUESTS_FD, "rb", buffering=1 << 20)
+    # Whole lines: `print(x)` is one write ("42\n"), not two ("42", "\n"),
+    # so readers see the lines a notebook would; a partial line goes at
+    # the end of the run (_flush) or when the code flushes.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True, write_through=False)
+        except (AttributeError, ValueError):
+            pass
     _send({"t": "ready"})
     number = 0
     while True:
