@@ -606,13 +606,28 @@ impl Runtime {
     /// one running under a handle of this runtime (that handle is spent:
     /// its calls give [`Error::NotFound`]).
     ///
+    /// A sandbox that cannot be resumed (damaged or foreign snapshot,
+    /// template gone or rebuilt, a creation that crashed) is deleted all
+    /// the same.
+    ///
     /// [`Error::NotFound`] for an unknown or killed id, [`Error::Busy`] if
     /// another process (or a handle on it paused) holds it.
     pub async fn kill(&self, id: &str) -> Result<()> {
         if let Some(live) = self.inner.running(id) {
             return live.kill().await;
         }
-        self.paused(id).await?.kill().await
+        match self.paused(id).await {
+            Ok(paused) => paused.kill().await,
+            Err(e @ (Error::NotFound { .. } | Error::Busy { .. })) => Err(e),
+            Err(why) => {
+                log::warn!("killing sandbox {id}, which cannot be resumed: {why}");
+                let rt = self.inner.clone();
+                let id = id.to_owned();
+                tokio::task::spawn_blocking(move || Sandbox::delete_unopened(&rt, &id))
+                    .await
+                    .map_err(|e| crate::sandbox::join_error("kill", e))?
+            }
+        }
     }
 
     /// Deletes what no one will use: paused sandboxes whose retention

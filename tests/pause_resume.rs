@@ -292,6 +292,8 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     ));
     let paused = sbx.pause().await.expect("pause");
     drop(paused);
+    // Killing needs no usable snapshot: a damaged one is deleted too.
+    std::fs::write(dir.join("snapshot.json"), &bad_manifest).unwrap();
     rt.kill(&id).await.expect("kill by id");
     assert!(!dir.exists(), "kill leaves {}", dir.display());
     assert!(matches!(

@@ -514,7 +514,7 @@ impl From<ResumeError> for Error {
     }
 }
 
-fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
+pub(crate) fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
     Error::Io {
         what: format!("the {what} task failed"),
         source: std::io::Error::other(e.to_string()),
@@ -1059,6 +1059,21 @@ impl Sandbox<Paused> {
         }
         let lock = lock_sandbox(&dir, &id)?;
         Self::with_lock(rt, id, dir, lock)
+    }
+
+    /// Deletes the files of sandbox `id`, which no handle holds, without
+    /// reading them: for a sandbox that cannot be opened (its snapshot is
+    /// damaged or foreign, its template gone or rebuilt, its creation
+    /// crashed), which must still be killable.
+    pub(crate) fn delete_unopened(rt: &RuntimeInner, id: &str) -> Result<()> {
+        let not_found = || Error::NotFound { id: id.to_owned() };
+        let id = SandboxId::parse(id).ok_or_else(not_found)?;
+        let dir = rt.dir.join("sandboxes").join(id.as_str());
+        if !dir.is_dir() {
+            return Err(not_found());
+        }
+        let _lock = lock_sandbox(&dir, &id)?;
+        std::fs::remove_dir_all(&dir).map_err(Error::io(format!("cannot delete {}", dir.display())))
     }
 
     /// A handle on the paused sandbox in `dir`, whose lock the caller took.
