@@ -204,6 +204,77 @@ pub async fn stream_request<T: DeserializeOwned>(req: Request) -> Result<T, RpcE
     parse(message)
 }
 
+/// The messages of a client-streaming call, read as they arrive.
+pub struct MessageReader {
+    body: axum::body::BodyDataStream,
+    buf: Vec<u8>,
+    ended: bool,
+}
+
+impl MessageReader {
+    pub fn new(req: Request) -> Result<Self, RpcError> {
+        let ct = content_type(&req);
+        if !ct.starts_with("application/connect+json") {
+            return Err(RpcError::invalid(format!(
+                "content type {ct:?}: streaming calls take application/connect+json"
+            )));
+        }
+        Ok(Self {
+            body: req.into_body().into_data_stream(),
+            buf: Vec::new(),
+            ended: false,
+        })
+    }
+
+    /// The next message, `None` at the end of the request.
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, RpcError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if len > MAX_MESSAGE {
+                    return Err(RpcError::new(
+                        Code::ResourceExhausted,
+                        format!("request message of {len} bytes, over {MAX_MESSAGE}"),
+                    ));
+                }
+                if self.buf.len() >= 5 + len {
+                    let flags = self.buf[0];
+                    let frame: Vec<u8> = self.buf.drain(..5 + len).collect();
+                    if flags & COMPRESSED != 0 {
+                        return Err(RpcError::new(
+                            Code::Unimplemented,
+                            "compressed messages are not supported; send them uncompressed",
+                        ));
+                    }
+                    if flags & END_STREAM != 0 {
+                        self.ended = true;
+                        return Ok(None);
+                    }
+                    return parse(&frame[5..]).map(Some);
+                }
+            }
+            if self.ended {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(RpcError::invalid("the request ends inside a message"))
+                };
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    return Err(RpcError::new(
+                        Code::Canceled,
+                        format!("cannot read the request: {e}"),
+                    ))
+                }
+                None => self.ended = true,
+            }
+        }
+    }
+}
+
 /// The first envelope of `bytes`: its flags and message. Anything after it
 /// is ignored (a server-streaming request has one message).
 fn split_envelope(bytes: &[u8]) -> Result<(u8, &[u8]), RpcError> {

@@ -32,9 +32,10 @@ pub async fn call(
         "SendInput" => send_input(&live, req).await,
         "SendSignal" => send_signal(&live, req).await,
         "CloseStdin" => close_stdin(&live, req).await,
-        "StreamInput" | "Update" => Err(RpcError::new(
+        "StreamInput" => return stream_input(live, req).await,
+        "Update" => Err(RpcError::new(
             Code::Unimplemented,
-            format!("process.Process/{method} is not supported by this server (no PTY; send input with SendInput)"),
+            "process.Process/Update resizes a PTY; this server runs commands without one",
         )),
         _ => Err(RpcError::new(
             Code::Unimplemented,
@@ -370,6 +371,50 @@ async fn send_signal(live: &Live, req: Request) -> Result<Value, RpcError> {
     let pid = select(live, request.process).await?;
     live.sandbox.commands().signal(pid, signal).await?;
     Ok(json!({}))
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamInputRequest {
+    start: Option<Selected>,
+    data: Option<StreamData>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamData {
+    input: Option<ProcessInput>,
+}
+
+/// `StreamInput`: a `start` naming the process, then `data` messages
+/// written to its stdin in order as they arrive; one empty answer at the
+/// end.
+async fn stream_input(live: Arc<Live>, req: Request) -> Response {
+    let result = async {
+        let mut reader = connect::MessageReader::new(req)?;
+        let first: StreamInputRequest = reader
+            .next()
+            .await?
+            .ok_or_else(|| RpcError::invalid("an empty input stream: send start first"))?;
+        let start = first
+            .start
+            .ok_or_else(|| RpcError::invalid("the first message must be start"))?;
+        let pid = select(&live, start.process).await?;
+        while let Some(message) = reader.next::<StreamInputRequest>().await? {
+            let Some(input) = message.data.and_then(|d| d.input) else {
+                continue; // keepalive
+            };
+            if input.pty.is_some() {
+                return Err(RpcError::new(
+                    Code::Unimplemented,
+                    "PTY input is not supported by this server",
+                ));
+            }
+            let data = decode_b64(input.stdin.as_deref().unwrap_or(""))?;
+            live.sandbox.commands().send_stdin(pid, data).await?;
+        }
+        Ok(json!({}))
+    }
+    .await;
+    connect::stream_response(futures_util::stream::iter([result]))
 }
 
 async fn close_stdin(live: &Live, req: Request) -> Result<Value, RpcError> {

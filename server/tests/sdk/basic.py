@@ -4,7 +4,11 @@ list, connect, files, commands, kill, and connect to a killed sandbox.
 Run by server/tests/sdk.rs with E2B_API_URL, E2B_SANDBOX_URL and
 E2B_API_KEY pointing at the server under test."""
 
+import io
+import os
 import time
+
+import httpx
 
 from e2b import CommandExitException, NotFoundException, SandboxQuery, SandboxState
 from e2b_code_interpreter import Sandbox
@@ -59,7 +63,39 @@ try:
     raise AssertionError("reading a missing file must fail")
 except NotFoundException:
     pass
-step("files write/read/list/exists")
+assert sbx.files.make_dir("/home/user/data/sub") is True
+assert sbx.files.make_dir("/home/user/data/sub") is False
+sbx.files.write_files([
+    {"path": "/home/user/data/sub/a.txt", "data": "A"},
+    {"path": "/home/user/data/sub/b.bin", "data": b"\x00\xff"},
+])
+big = bytes(range(256)) * 8192  # 2 MiB, streamed as application/octet-stream
+sbx.files.write("/home/user/data/big.bin", io.BytesIO(big))
+assert bytes(sbx.files.read("/home/user/data/big.bin", format="bytes")) == big
+moved = sbx.files.rename("/home/user/data/sub/a.txt", "/home/user/data/a2.txt")
+assert moved.path == "/home/user/data/a2.txt", moved
+assert sbx.files.get_info("/home/user/data/a2.txt").size == 1
+sbx.files.remove("/home/user/data/sub")
+assert not sbx.files.exists("/home/user/data/sub")
+watcher = sbx.files.watch_dir("/home/user/data")
+sbx.files.write("/home/user/data/new.txt", "n")
+deadline = time.monotonic() + 60
+seen = []
+while not any(e.name == "new.txt" for e in seen):
+    assert time.monotonic() < deadline, seen
+    time.sleep(0.5)
+    seen += watcher.get_new_events()
+watcher.stop()
+step("files make_dir/write_files/octet-stream/rename/remove/watch_dir")
+
+ctx = sbx.create_code_context()
+sbx.run_code("z = 'in ctx'", context=ctx)
+assert sbx.run_code("z", context=ctx).text == "'in ctx'"
+assert sbx.run_code("z").error.name == "NameError"
+assert ctx.id in [c.id for c in sbx.list_code_contexts()]
+sbx.remove_code_context(ctx)
+assert ctx.id not in [c.id for c in sbx.list_code_contexts()]
+step("code contexts")
 
 r = sbx.commands.run("echo hi")
 assert (r.stdout, r.exit_code) == ("hi\n", 0), r
@@ -77,6 +113,44 @@ pids = [p.pid for p in sbx.commands.list()]
 assert h.pid in pids, (h.pid, pids)
 assert h.kill() is True
 step("background command listed and killed")
+
+h = sbx.commands.run("cat", background=True, stdin=True)
+sbx.commands.send_stdin(h.pid, "abc\n")
+sbx.commands.stream_input(h.pid, ["d", "e\n"])
+sbx.commands.close_stdin(h.pid)
+r = h.wait()
+assert r.stdout == "abc\nde\n", r
+h = sbx.commands.run("sleep 300", background=True)
+h2 = sbx.commands.connect(h.pid)
+assert h2.pid == h.pid
+assert sbx.commands.kill(h.pid) is True
+try:
+    h2.wait()
+    raise AssertionError("a killed command ends with an error")
+except CommandExitException as e:
+    assert e.exit_code == -1, e
+assert sbx.commands.kill(h.pid) is False
+step("stdin (send, stream, close), connect to a running command")
+
+# A guest server through get_host(port): {port}-{id}.{domain} as Host.
+sbx.commands.run(
+    "python3 -m http.server 8000 --bind 127.0.0.1 --directory /home/user/data",
+    background=True,
+)
+host = sbx.get_host(8000)
+assert host.startswith(f"8000-{sid}."), host
+url = os.environ["E2B_SANDBOX_URL"] + "/f.txt"
+auth = {"Host": host, "E2B-Traffic-Access-Token": sbx.traffic_access_token}
+deadline = time.monotonic() + 120
+while True:
+    r = httpx.get(url, headers=auth, timeout=30)
+    if r.status_code == 200:
+        break
+    assert r.status_code == 502 and time.monotonic() < deadline, (r.status_code, r.text)
+    time.sleep(1)
+assert r.text == "hello", r.text
+assert httpx.get(url, headers={"Host": host}, timeout=30).status_code == 401
+step("guest port 8000 through get_host")
 
 assert sbx.kill() is True
 step("killed")
