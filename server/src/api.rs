@@ -32,6 +32,8 @@ const DEFAULT_TIMEOUT_SECS: u64 = 300;
 /// The longest timeout a request may ask for: the runtime's maximum
 /// running time.
 pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+/// The largest page of a list.
+const MAX_LIST_LIMIT: usize = 1000;
 /// Control-plane bodies are small JSON documents.
 pub const MAX_BODY: usize = 256 << 10;
 
@@ -48,6 +50,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/refreshes", post(refresh))
+        .route("/sandboxes/{id}/metrics", get(no_metrics))
         .fallback(unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
 }
@@ -295,6 +298,14 @@ async fn refresh(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Metrics (CPU and memory use sampled in the guest) are not collected.
+async fn no_metrics() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "sandbox metrics are not collected by dormouse-server",
+    )
+}
+
 async fn detail(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -326,8 +337,8 @@ async fn list_v1(
     loop {
         let mut q = params
             .query(&owner)
-            .state([SandboxState::Running, SandboxState::Snapshotting]);
-        q = q.limit(dormouse_max_limit());
+            .state([SandboxState::Running, SandboxState::Snapshotting])
+            .limit(MAX_LIST_LIMIT);
         if let Some(t) = token.take() {
             q = q.next_token(t);
         }
@@ -339,10 +350,6 @@ async fn list_v1(
         }
     }
     Ok(Json(items).into_response())
-}
-
-fn dormouse_max_limit() -> usize {
-    1000
 }
 
 /// `GET /v2/sandboxes`: filtered by state and metadata, paginated with
@@ -427,9 +434,9 @@ impl ListParams {
                     let limit: usize = value.parse().map_err(|_| {
                         ApiError::bad_request(format!("limit {value:?} is not a number"))
                     })?;
-                    if limit == 0 || limit > 1000 {
+                    if limit == 0 || limit > MAX_LIST_LIMIT {
                         return Err(ApiError::bad_request(format!(
-                            "limit {limit} is out of range: give 1 to 1000"
+                            "limit {limit} is out of range: give 1 to {MAX_LIST_LIMIT}"
                         )));
                     }
                     params.limit = Some(limit);

@@ -7,6 +7,7 @@ E2B_API_KEY pointing at the server under test."""
 import io
 import os
 import time
+from datetime import datetime, timezone
 
 import httpx
 
@@ -49,6 +50,13 @@ assert ex.text == "43", ex.text
 ex = sbx.run_code("1 / 0")
 assert ex.error is not None and ex.error.name == "ZeroDivisionError", ex.error
 step("state kept: print(x) -> 42")
+
+sbx.set_timeout(900)
+info = sbx.get_info()
+left = (info.end_at - datetime.now(timezone.utc)).total_seconds()
+assert 800 < left <= 900, (info.end_at, left)
+assert info.state == SandboxState.RUNNING and info.metadata == {"suite": "basic"}, info
+step("set_timeout and get_info")
 
 info = sbx.files.write("/home/user/data/f.txt", "hello")
 assert info.path == "/home/user/data/f.txt", info
