@@ -50,6 +50,33 @@ pub(crate) struct RuntimeInner {
     retention: Option<Duration>,
     /// The sandboxes running under a handle of this runtime, by id.
     registry: Mutex<HashMap<String, Weak<Live>>>,
+    /// Base memory files whose data was checked (see
+    /// [`snapshot::check_base`](crate::snapshot::check_base)), by identity:
+    /// every sandbox created from a template maps the same file, which is
+    /// read once per process, not at every create.
+    checked_memory: Mutex<std::collections::HashSet<FileIdentity>>,
+}
+
+/// A file as the kernel knows it: a write changes its modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileIdentity {
+    pub(crate) fn of(file: &std::fs::File) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
 }
 
 impl std::fmt::Debug for RuntimeInner {
@@ -129,6 +156,7 @@ impl RuntimeBuilder {
                 max_running: self.max_running,
                 retention: self.retention,
                 registry: Mutex::new(HashMap::new()),
+                checked_memory: Mutex::new(std::collections::HashSet::new()),
             }),
         };
         rt.sweep().await?;
@@ -158,6 +186,15 @@ pub(crate) fn valid_name(name: &str) -> bool {
 }
 
 impl RuntimeInner {
+    /// Whether the memory file `id` was checked in this process.
+    pub(crate) fn memory_checked(&self, id: &FileIdentity) -> bool {
+        self.checked_memory.lock().unwrap().contains(id)
+    }
+
+    pub(crate) fn set_memory_checked(&self, id: FileIdentity) {
+        self.checked_memory.lock().unwrap().insert(id);
+    }
+
     /// Records that `live` runs under a handle of this runtime.
     pub(crate) fn register(&self, id: &SandboxId, live: &Arc<Live>) {
         let mut registry = self

@@ -269,6 +269,26 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     );
     file.set_len(mem_len).unwrap(); // the hole reads as zeros, as before
     drop(file);
+    // A flipped byte inside any memory file (the base, mapped lazily, or a
+    // layer) is found before the sandbox is handed out.
+    for layer in &dormouse::snapshot::read_manifest(&dir).unwrap().memory {
+        let path = dir.join(&layer.file);
+        let original = std::fs::read(&path).unwrap();
+        let at = original
+            .iter()
+            .position(|&b| b != 0)
+            .expect("a memory file with data");
+        let mut flipped = original.clone();
+        flipped[at] ^= 0x04;
+        std::fs::write(&path, &flipped).unwrap();
+        let err = rt.connect(&id).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Snapshot(SnapshotError::Corrupt { path: ref p, .. }) if p == &path),
+            "{}: {err}",
+            path.display()
+        );
+        std::fs::write(&path, &original).unwrap();
+    }
 
     // Unknown ids.
     assert!(matches!(

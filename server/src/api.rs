@@ -268,13 +268,10 @@ async fn set_timeout(
 ) -> ApiResult<StatusCode> {
     let owner = st.keys.authenticate(&headers)?;
     let Json(body) = body?;
-    let Some(secs) = body.timeout else {
-        return Err(ApiError::bad_request("missing \"timeout\" (seconds)"));
-    };
-    let timeout = timeout_of(Some(secs), secs)?;
-    st.info_for(&id, &owner).await?;
-    st.rt.set_timeout(&id, timeout).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let secs = body
+        .timeout
+        .ok_or_else(|| ApiError::bad_request("missing \"timeout\" (seconds)"))?;
+    timeout_from_now(&st, &id, &owner, secs).await
 }
 
 /// The older keep-alive: `{"duration": seconds}` extends the timeout.
@@ -292,9 +289,19 @@ async fn refresh(
             .as_u64()
             .ok_or_else(|| ApiError::bad_request("\"duration\" must be a number of seconds"))?,
     };
+    timeout_from_now(&st, &id, &owner, secs).await
+}
+
+/// Makes the timeout of `id` run out `secs` from now.
+async fn timeout_from_now(
+    st: &AppState,
+    id: &str,
+    owner: &Owner,
+    secs: u64,
+) -> ApiResult<StatusCode> {
     let timeout = timeout_of(Some(secs), secs)?;
-    st.info_for(&id, &owner).await?;
-    st.rt.set_timeout(&id, timeout).await?;
+    st.info_for(id, owner).await?;
+    st.rt.set_timeout(id, timeout).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

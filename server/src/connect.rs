@@ -338,6 +338,46 @@ where
     r
 }
 
+/// The answer of a unary call.
+pub fn unary(result: Result<Value, RpcError>) -> Response {
+    match result {
+        Ok(message) => unary_response(&message),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The error for a method a service does not have.
+pub fn no_method(service: &str, method: &str) -> RpcError {
+    RpcError::new(Code::Unimplemented, format!("no method {service}/{method}"))
+}
+
+/// Stops a task when dropped: a stream's producer, owned by the response
+/// body, so a client that goes away stops it.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The messages a task sends, as a stream; dropping it stops the task.
+pub struct ChannelStream {
+    pub rx: tokio::sync::mpsc::Receiver<Result<Value, RpcError>>,
+    pub _guard: AbortOnDrop,
+}
+
+impl Stream for ChannelStream {
+    type Item = Result<Value, RpcError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
 /// A streaming call that failed before it started: still 200, the error in
 /// the end of stream.
 pub fn stream_error(e: RpcError) -> Response {

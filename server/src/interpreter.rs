@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::api::unknown_route;
+use crate::connect::AbortOnDrop;
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, Live};
 
@@ -245,14 +246,6 @@ async fn execute(
         HeaderValue::from_static("application/x-ndjson"),
     );
     Ok(response)
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -1177,22 +1177,38 @@ impl Sandbox<Paused> {
         timeout: Option<Duration>,
     ) -> std::result::Result<Sandbox<Running>, ResumeError> {
         let started = Instant::now();
-        match self.restore().await {
-            Ok(()) => {}
+        let check = match self.restore().await {
+            Ok(check) => check,
             Err(error) => {
                 return Err(ResumeError {
                     sandbox: Some(self),
                     error,
                 })
             }
-        }
+        };
         let mut running = Sandbox::<Running> {
             inner: self.inner,
             _state: PhantomData,
         };
         running.inner.live.st().delete_on_drop = true;
         let restored = started.elapsed();
-        match running.wait_for_agent(RESUME_TIMEOUT).await {
+        // The base memory file is checked while the guest starts; the
+        // sandbox is handed out only if its memory is what was paused.
+        let agent = running.wait_for_agent(RESUME_TIMEOUT).await;
+        let ready = match (agent, check) {
+            (Err(error), check) => {
+                if let Some(check) = check {
+                    check.abort();
+                }
+                Err(error)
+            }
+            (Ok(()), None) => Ok(()),
+            (Ok(()), Some(check)) => match check.await {
+                Ok(result) => result,
+                Err(e) => Err(join_error("check the memory file", e)),
+            },
+        };
+        match ready {
             Ok(()) => {
                 running.inner.timings = Some(StartTimings {
                     prepare: Duration::ZERO,
@@ -1214,7 +1230,12 @@ impl Sandbox<Paused> {
     /// Builds the machine from the snapshot. The snapshot stays as it is
     /// while the guest runs (its disk writes go to a pending layer, see
     /// [`crate::disk`]), so a crash of this process leaves it resumable.
-    async fn restore(&mut self) -> Result<()> {
+    ///
+    /// Memory layers are checked as they are read; the base memory file,
+    /// mapped lazily, is checked by the task returned (unless this process
+    /// checked that file already), which the caller awaits before it hands
+    /// the sandbox out.
+    async fn restore(&mut self) -> Result<Option<tokio::task::JoinHandle<Result<()>>>> {
         let dir = self.inner.dir.clone();
         let rootfs = self.inner.rootfs.clone();
         let kvm_path = self.inner.rt.kvm_path.clone();
@@ -1234,13 +1255,23 @@ impl Sandbox<Paused> {
                 }
             })?;
             for ((file, pages), layer) in files.layers.iter().zip(&manifest.memory[1..]) {
-                memory::load_pages(&memory, file, pages).map_err(|source| {
+                let (_, digest) = memory::load_pages(&memory, file, pages).map_err(|source| {
                     snapshot::SnapshotError::Io {
                         what: "read the memory layer",
                         path: dir.join(&layer.file),
                         source,
                     }
                 })?;
+                if digest != layer.data_crc32 {
+                    return Err(snapshot::SnapshotError::Corrupt {
+                        path: dir.join(&layer.file),
+                        reason: format!(
+                            "its pages have digest {digest:#010x}, the pause wrote {:#010x}",
+                            layer.data_crc32
+                        ),
+                    }
+                    .into());
+                }
             }
             let disk = CowDisk::open(&rootfs, &dir.join("disk"), manifest.disk_layer)?;
             let block = Block::new(disk, false).map_err(|e| Error::InvalidConfig(e.to_string()))?;
@@ -1259,18 +1290,33 @@ impl Sandbox<Paused> {
                 },
                 &state,
             );
-            Ok((machine?, connector, disk, manifest))
+            Ok((machine?, connector, disk, manifest, files.base))
         })
         .await
         .map_err(|e| join_error("resume", e))??;
-        let (machine, connector, disk, manifest) = restored;
+        let (machine, connector, disk, manifest, base) = restored;
+        let check = match crate::runtime::FileIdentity::of(&base) {
+            Ok(identity) if self.inner.rt.memory_checked(&identity) => None,
+            identity => {
+                let rt = self.inner.rt.clone();
+                let dir = self.inner.dir.clone();
+                let manifest = manifest.clone();
+                Some(tokio::task::spawn_blocking(move || {
+                    snapshot::check_base(&dir, &manifest, &base)?;
+                    if let Ok(identity) = identity {
+                        rt.set_memory_checked(identity);
+                    }
+                    Ok(())
+                }))
+            }
+        };
         let mut st = self.inner.live.st();
         st.based_on = Some(manifest);
         st.dirty_log_complete = true;
         st.machine = Some(machine);
         st.disk = Some(disk);
         self.inner.link.set(Some(connector));
-        Ok(())
+        Ok(check)
     }
 }
 

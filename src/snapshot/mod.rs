@@ -46,7 +46,7 @@ pub const MANIFEST: &str = "snapshot.json";
 /// What the manifest's `format` field says.
 pub const FORMAT: &str = "dormouse-snapshot";
 /// The version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The largest state file accepted (it is a few hundred KiB).
 const MAX_STATE_LEN: u64 = 64 << 20;
 /// The largest manifest accepted.
@@ -187,6 +187,11 @@ pub struct MemoryLayer {
     /// For a layer (not the base): the CRC-32 of its page bitmap, which is
     /// in `<file>.pages`.
     pub pages_crc32: Option<u32>,
+    /// The [`PageDigest`](memory::PageDigest) of the pages written to it:
+    /// for the base its non-zero pages, for a layer the pages of its
+    /// bitmap. Checked when they are read ([`check_base`] for the base,
+    /// which is mapped lazily).
+    pub data_crc32: u32,
 }
 
 /// The memory files of a snapshot, opened and checked.
@@ -338,6 +343,7 @@ pub fn write(
             file: memory_file.clone(),
             written: stats.written,
             pages_crc32,
+            data_crc32: stats.digest,
         });
         let state_json = serde_json::to_vec(state).map_err(|e| SnapshotError::Io {
             what: "serialise the machine state for",
@@ -423,6 +429,46 @@ pub fn copy_to(src: &Path, dst: &Path, sandbox: SandboxRecord) -> Result<Manifes
         .map_err(SnapshotError::io("rename into place", &tmp))?;
     sync_dir(dst)?;
     Ok(manifest)
+}
+
+/// Reads the base memory file of `manifest` (`file`, opened from `dir`)
+/// and checks its data against the manifest: its non-zero pages, in the
+/// extents the file has data in, must have the digest recorded at the
+/// pause. A flipped or lost byte is [`SnapshotError::Corrupt`] naming the
+/// file. Reads every page the pause wrote (from the page cache, where a
+/// resume finds them warm).
+pub fn check_base(dir: &Path, manifest: &Manifest, file: &File) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join(&manifest.memory[0].file);
+    let page = memory::PAGE_SIZE as u64;
+    let extents = crate::fsutil::data_extents(file, manifest.memory_len)
+        .map_err(SnapshotError::io("find the data of", &path))?;
+    let mut digest = memory::PageDigest::default();
+    let mut buf = vec![0u8; 1 << 20];
+    for (data, hole) in extents {
+        let mut at = data / page * page;
+        let end = hole.div_ceil(page) * page;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(SnapshotError::io("read", &path))?;
+            for (i, bytes) in buf[..n].chunks(memory::PAGE_SIZE).enumerate() {
+                if !memory::is_zero_page(bytes) {
+                    digest.add(at / page + i as u64, bytes);
+                }
+            }
+            at += n as u64;
+        }
+    }
+    let found = digest.finish();
+    let expected = manifest.memory[0].data_crc32;
+    if found != expected {
+        return Err(SnapshotError::corrupt(
+            &path,
+            format!("its pages have digest {found:#010x}, the pause wrote {expected:#010x}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The pages a snapshot's memory files hold (the base's data extents and

@@ -23,11 +23,13 @@ fn sample() -> Manifest {
                 file: "memory-1".into(),
                 written: 4096,
                 pages_crc32: None,
+                data_crc32: 11,
             },
             MemoryLayer {
                 file: "memory-3".into(),
                 written: 8192,
                 pages_crc32: Some(9),
+                data_crc32: 12,
             },
         ],
         paused_at_ms: 1,
@@ -171,4 +173,49 @@ fn merging_a_chain_takes_exactly_the_pages_it_holds() {
     // A damaged page bitmap is noticed.
     std::fs::write(dir.path().join("memory-2.pages"), vec![0xffu8; 32]).unwrap();
     assert!(touched_pages(dir.path(), &on, &dirty).is_err());
+}
+
+#[test]
+fn a_base_whose_pages_changed_is_corrupt() {
+    use crate::vmm::memory::{save_to_file, GuestMemory};
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestAddress};
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4usize << 20;
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+    mem.write_slice(b"hello", GuestAddress(0x3000)).unwrap();
+    mem.write_slice(&[9u8; 8192], GuestAddress(0x20_0000))
+        .unwrap();
+    let path = dir.path().join("memory-1");
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    let stats = save_to_file(&mem, &file).unwrap();
+    let mut m = sample();
+    m.memory.truncate(1);
+    m.memory[0].file = "memory-1".into();
+    m.memory[0].data_crc32 = stats.digest;
+    m.memory_len = size as u64;
+    check_base(dir.path(), &m, &file).unwrap();
+    // A flipped byte; a page zeroed; a page moved: each is noticed.
+    for (at, bytes) in [(0x3001u64, &b"E"[..]), (0x20_0000, &[0u8; 4096][..])] {
+        let mut saved = vec![0u8; bytes.len()];
+        file.read_exact_at(&mut saved, at).unwrap();
+        file.write_all_at(bytes, at).unwrap();
+        let err = check_base(dir.path(), &m, &file).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::Corrupt { ref path, .. } if path.ends_with("memory-1")),
+            "{err}"
+        );
+        file.write_all_at(&saved, at).unwrap();
+        check_base(dir.path(), &m, &file).unwrap();
+    }
+    let mut page = vec![0u8; 4096];
+    file.read_exact_at(&mut page, 0x3000).unwrap();
+    file.write_all_at(&page, 0x5000).unwrap();
+    file.write_all_at(&[0u8; 4096], 0x3000).unwrap();
+    assert!(check_base(dir.path(), &m, &file).is_err());
 }

@@ -27,6 +27,33 @@ pub struct SaveStats {
     pub total: u64,
     /// Bytes written (pages that are not all zero).
     pub written: u64,
+    /// The [`PageDigest`] of the pages written.
+    pub digest: u32,
+}
+
+/// A CRC-32 of pages with their page numbers (a page moved within a file
+/// changes it too), in increasing page order: what [`save_pages`] writes,
+/// [`load_pages`] reads back, or a reader of a memory file's non-zero
+/// pages sees.
+#[derive(Debug, Default, Clone)]
+pub struct PageDigest(crc32fast::Hasher);
+
+impl PageDigest {
+    /// Adds page number `page` with its bytes.
+    pub fn add(&mut self, page: u64, bytes: &[u8]) {
+        self.0.update(&page.to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    /// The digest of the pages added.
+    pub fn finish(self) -> u32 {
+        self.0.finalize()
+    }
+}
+
+/// Whether a page (or any byte slice) is all zeros.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    is_zero(page)
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -59,6 +86,7 @@ pub fn save_pages(
     skip_zero: bool,
 ) -> io::Result<SaveStats> {
     let mut stats = SaveStats::default();
+    let mut digest = PageDigest::default();
     let wanted = |page: usize| {
         pages.is_none_or(|bits| {
             bits.get(page / 64)
@@ -78,6 +106,9 @@ pub fn save_pages(
         for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
             let at = i * PAGE_SIZE;
             let write = wanted(first_page + i) && !(skip_zero && is_zero(page));
+            if write {
+                digest.add((first_page + i) as u64, page);
+            }
             match (write, run) {
                 (true, None) => run = Some(at),
                 (false, Some(start)) => {
@@ -95,14 +126,16 @@ pub fn save_pages(
         stats.total += len as u64;
     }
     file.set_len(stats.total)?;
+    stats.digest = digest.finish();
     Ok(stats)
 }
 
 /// Copies the pages whose bit is set in `pages` from `file` (a layer
-/// written by [`save_pages`]) into guest memory; returns the bytes copied.
-/// Call before the vCPUs start.
-pub fn load_pages(mem: &GuestMemory, file: &File, pages: &[u64]) -> io::Result<u64> {
+/// written by [`save_pages`]) into guest memory; returns the bytes copied
+/// and their [`PageDigest`]. Call before the vCPUs start.
+pub fn load_pages(mem: &GuestMemory, file: &File, pages: &[u64]) -> io::Result<(u64, u32)> {
     let mut copied = 0;
+    let mut digest = PageDigest::default();
     let mut base = 0u64;
     for region in mem.iter() {
         let len = region.len() as usize;
@@ -130,11 +163,14 @@ pub fn load_pages(mem: &GuestMemory, file: &File, pages: &[u64]) -> io::Result<u
             }
             let range = start * PAGE_SIZE..i * PAGE_SIZE;
             file.read_exact_at(&mut bytes[range.clone()], base + range.start as u64)?;
+            for (k, page) in bytes[range.clone()].chunks(PAGE_SIZE).enumerate() {
+                digest.add((first_page + start + k) as u64, page);
+            }
             copied += range.len() as u64;
         }
         base += len as u64;
     }
-    Ok(copied)
+    Ok((copied, digest.finish()))
 }
 
 /// Maps `file` (as written by [`save_to_file`]) as `mem_size` bytes of
@@ -228,7 +264,8 @@ mod tests {
         let back = map_file(&file, size as u64).unwrap();
         assert_eq!(
             load_pages(&back, &layer, &pages).unwrap(),
-            2 * PAGE_SIZE as u64
+            (2 * PAGE_SIZE as u64, stats.digest),
+            "the pages read back have the digest of the pages written"
         );
         back.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
         assert_eq!(buf, [0; 5]);

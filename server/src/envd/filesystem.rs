@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::{Path, Request};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Extension;
 use dormouse::{DirWatcher, EntryInfo, EntryKind, FileEvent, FileEventKind};
 use serde::Deserialize;
@@ -15,8 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::guest_path;
-use super::process::{AbortOnDrop, ChannelStream};
-use crate::connect::{self, Code, RpcError};
+use crate::connect::{self, AbortOnDrop, ChannelStream, Code, RpcError};
 use crate::state::{self, Live};
 
 /// Events a polled watcher keeps until they are fetched; more are dropped
@@ -40,15 +39,9 @@ pub async fn call(
         "CreateWatcher" => create_watcher(&live, req).await,
         "GetWatcherEvents" => watcher_events(&live, req).await,
         "RemoveWatcher" => remove_watcher(&live, req).await,
-        _ => Err(RpcError::new(
-            Code::Unimplemented,
-            format!("no method filesystem.Filesystem/{method}"),
-        )),
+        _ => Err(connect::no_method("filesystem.Filesystem", &method)),
     };
-    match result {
-        Ok(message) => connect::unary_response(&message),
-        Err(e) => e.into_response(),
-    }
+    connect::unary(result)
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Request};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Extension;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{guest_path, rpc_user, HOME};
-use crate::connect::{self, Code, RpcError};
+use crate::connect::{self, AbortOnDrop, ChannelStream, Code, RpcError};
 use crate::state::Live;
 
 pub async fn call(
@@ -37,15 +37,9 @@ pub async fn call(
             Code::Unimplemented,
             "process.Process/Update resizes a PTY; this server runs commands without one",
         )),
-        _ => Err(RpcError::new(
-            Code::Unimplemented,
-            format!("no method process.Process/{method}"),
-        )),
+        _ => Err(connect::no_method("process.Process", &method)),
     };
-    match result {
-        Ok(message) => connect::unary_response(&message),
-        Err(e) => e.into_response(),
-    }
+    connect::unary(result)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,32 +185,6 @@ fn stream_command(mut handle: CommandHandle, ping: Duration) -> Response {
         rx,
         _guard: AbortOnDrop(task),
     })
-}
-
-/// The receiving end of a stream's channel; dropping it (the client went
-/// away) stops the task feeding it.
-pub struct ChannelStream {
-    pub rx: mpsc::Receiver<Result<Value, RpcError>>,
-    pub _guard: AbortOnDrop,
-}
-
-impl futures_util::Stream for ChannelStream {
-    type Item = Result<Value, RpcError>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 async fn start(live: Arc<Live>, req: Request) -> Response {
