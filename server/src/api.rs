@@ -350,7 +350,12 @@ async fn list_v1(
             q = q.next_token(t);
         }
         let page = st.rt.list(q).await?;
-        items.extend(page.sandboxes.iter().map(listed));
+        items.extend(
+            page.sandboxes
+                .iter()
+                .filter(|info| params.keeps(&st, info))
+                .map(listed),
+        );
         match page.next_token {
             Some(t) => token = Some(t),
             None => break,
@@ -389,7 +394,12 @@ async fn list_v2(
         dormouse::Error::InvalidConfig(m) => ApiError::bad_request(m),
         e => e.into(),
     })?;
-    let items: Vec<Value> = page.sandboxes.iter().map(listed).collect();
+    let items: Vec<Value> = page
+        .sandboxes
+        .iter()
+        .filter(|info| params.keeps(&st, info))
+        .map(listed)
+        .collect();
     let mut response = Json(items).into_response();
     if let Some(t) = page.next_token {
         let value = HeaderValue::from_str(&t).map_err(|_| {
@@ -401,13 +411,62 @@ async fn list_v2(
 }
 
 /// The query of a list: `state` (comma-separated or repeated), `metadata`
-/// (URL-encoded `k=v&k2=v2`), `limit`, `nextToken`.
+/// (URL-encoded `k=v&k2=v2`, keys and values percent-encoded once more,
+/// as the SDK sends it), `template`, `startedAfter` (RFC 3339), `order`
+/// (`asc` only: oldest start first), `limit`, `nextToken`.
 #[derive(Debug, Default)]
 struct ListParams {
     states: Vec<SandboxState>,
     metadata: BTreeMap<String, String>,
+    template: Option<String>,
+    started_after_ms: Option<u64>,
     limit: Option<usize>,
     next_token: Option<String>,
+}
+
+/// Decodes `%XX` escapes (the SDK quotes metadata keys and values before
+/// it URL-encodes them).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
+            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap() * 16 + hex(l).unwrap()) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time with a `Z` or
+/// `±HH:MM` offset (Python's `isoformat()`).
+fn parse_time_ms(text: &str) -> Option<u64> {
+    let (local, offset_secs) = match text.len().checked_sub(6).map(|at| text.split_at(at)) {
+        Some((head, tail))
+            if (tail.starts_with('+') || tail.starts_with('-')) && tail.as_bytes()[3] == b':' =>
+        {
+            let h: i64 = tail[1..3].parse().ok()?;
+            let m: i64 = tail[4..6].parse().ok()?;
+            let sign = if tail.starts_with('-') { -1 } else { 1 };
+            (format!("{head}Z"), sign * (h * 3600 + m * 60))
+        }
+        _ => (text.to_owned(), 0),
+    };
+    let t = humantime::parse_rfc3339(&local).ok()?;
+    let ms = t.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64 - offset_secs * 1000;
+    u64::try_from(ms).ok()
 }
 
 impl ListParams {
@@ -435,7 +494,10 @@ impl ListParams {
                         serde_urlencoded::from_str(&value).map_err(|e| {
                             ApiError::bad_request(format!("invalid metadata filter: {e}"))
                         })?;
-                    params.metadata.extend(kv);
+                    params.metadata.extend(
+                        kv.iter()
+                            .map(|(k, v)| (percent_decode(k), percent_decode(v))),
+                    );
                 }
                 "limit" => {
                     let limit: usize = value.parse().map_err(|_| {
@@ -449,6 +511,19 @@ impl ListParams {
                     params.limit = Some(limit);
                 }
                 "nextToken" => params.next_token = Some(value).filter(|t| !t.is_empty()),
+                "template" => params.template = Some(value).filter(|t| !t.is_empty()),
+                "startedAfter" => {
+                    params.started_after_ms = Some(parse_time_ms(&value).ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "startedAfter {value:?} is not an RFC 3339 time"
+                        ))
+                    })?)
+                }
+                "order" if !value.eq_ignore_ascii_case("asc") => {
+                    return Err(ApiError::bad_request(format!(
+                        "order {value:?} is not supported: sandboxes are listed oldest start first (asc)"
+                    )));
+                }
                 _ => {}
             }
         }
@@ -462,6 +537,18 @@ impl ListParams {
             )));
         }
         Ok(params)
+    }
+
+    /// The filters the runtime's query does not apply. A page may come out
+    /// shorter than the limit; its next token still continues the list.
+    fn keeps(&self, st: &AppState, info: &SandboxInfo) -> bool {
+        let template_ok = self.template.as_ref().is_none_or(|t| {
+            *t == info.template || st.aliases.get(t).is_some_and(|a| *a == info.template)
+        });
+        template_ok
+            && self
+                .started_after_ms
+                .is_none_or(|t| info.started_at_ms >= t)
     }
 
     fn query(&self, owner: &Owner) -> ListQuery {
@@ -545,6 +632,28 @@ mod tests {
             let e = ListParams::parse(Some(bad)).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
         }
+    }
+
+    #[test]
+    fn list_params_read_what_the_sdk_sends() {
+        // SandboxQuery(metadata={"a b": "c+d"}): quoted, then URL-encoded.
+        let p = ListParams::parse(Some(
+            "metadata=a%252520b%3Dc%25252Bd&template=base&startedAfter=2025-01-01T10%3A00%3A00.5%2B02%3A00&order=asc",
+        ))
+        .unwrap();
+        assert_eq!(
+            p.metadata.get("a b").map(String::as_str),
+            Some("c+d"),
+            "{p:?}"
+        );
+        assert_eq!(p.template.as_deref(), Some("base"));
+        assert_eq!(p.started_after_ms, Some(1_735_718_400_500));
+        assert_eq!(
+            parse_time_ms("2025-01-01T08:00:00Z"),
+            Some(1_735_718_400_000)
+        );
+        assert!(ListParams::parse(Some("order=desc")).is_err());
+        assert!(ListParams::parse(Some("startedAfter=yesterday")).is_err());
     }
 
     #[test]

@@ -102,6 +102,16 @@ async fn serve(config: Config) -> Result<(), String> {
         config.state_dir.display(),
         config.keys.len()
     );
+    let reaper = {
+        let st = st.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                every.tick().await;
+                st.reap();
+            }
+        })
+    };
     let app = routing::app(st.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -119,6 +129,7 @@ async fn serve(config: Config) -> Result<(), String> {
             OnShutdown::Kill => "killing",
         }
     );
+    reaper.abort();
     stop_sandboxes(&st, config.on_shutdown).await;
     let _ = stop_tx.send(());
     // Streams (a command's output, a watch) end with their sandbox; give

@@ -188,6 +188,18 @@ impl AppState {
         }
     }
 
+    /// Drops the handles of sandboxes taken from them (killed or paused by
+    /// their timeout) and the transition locks no one holds, so a
+    /// long-running server keeps nothing of sandboxes that are gone.
+    pub fn reap(&self) {
+        let mut running = self.running.lock().unwrap();
+        running.retain(|_, live| live.sandbox.check().is_ok());
+        self.transitions
+            .lock()
+            .unwrap()
+            .retain(|id, lock| running.contains_key(id) || Arc::strong_count(lock) > 1);
+    }
+
     /// Ids of every sandbox with a handle here.
     pub fn running_ids(&self) -> Vec<String> {
         self.running.lock().unwrap().keys().cloned().collect()

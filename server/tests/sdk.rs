@@ -226,19 +226,13 @@ fn the_official_e2b_sdk_drives_dormouse() {
 
     // The SDK's own flows, at once (each key sees only its sandboxes).
     let scripts = [
-        (
-            "basic.py",
-            spawn_script(&venv, &server, "basic.py", KEY, &[]),
-        ),
-        (
-            "auto_pause.py",
-            spawn_script(&venv, &server, "auto_pause.py", KEY, &[]),
-        ),
-        (
-            "bad_input.py",
-            spawn_script(&venv, &server, "bad_input.py", KEY, &[]),
-        ),
-    ];
+        "basic.py",
+        "auto_pause.py",
+        "bad_input.py",
+        "list.py",
+        "async_sdk.py",
+    ]
+    .map(|name| (name, spawn_script(&venv, &server, name, KEY, &[])));
     for (name, child) in scripts {
         finish(name, child);
     }

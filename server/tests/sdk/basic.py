@@ -101,6 +101,8 @@ sbx.run_code("z = 'in ctx'", context=ctx)
 assert sbx.run_code("z", context=ctx).text == "'in ctx'"
 assert sbx.run_code("z").error.name == "NameError"
 assert ctx.id in [c.id for c in sbx.list_code_contexts()]
+sbx.restart_code_context(ctx)
+assert sbx.run_code("z", context=ctx).error.name == "NameError", "a restarted context is empty"
 sbx.remove_code_context(ctx)
 assert ctx.id not in [c.id for c in sbx.list_code_contexts()]
 step("code contexts")
