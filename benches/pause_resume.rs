@@ -118,7 +118,16 @@ fn benches(c: &mut Criterion) {
         let max_dirty = dirty_sizes.iter().copied().max().unwrap_or(0);
         let t = Instant::now();
         let sbx = tokio_rt
-            .block_on(rt.create(TEMPLATE, SandboxConfig::default().memory_mib(mem as u32)))
+            .block_on(
+                rt.create(
+                    TEMPLATE,
+                    // Longer than the bench: the default 5-minute timeout
+                    // would kill it while the dirtier starts.
+                    SandboxConfig::default()
+                        .memory_mib(mem as u32)
+                        .timeout(Duration::from_secs(24 * 3600)),
+                ),
+            )
             .expect("create");
         eprintln!("{mem} MiB guest booted in {:.1?}", t.elapsed());
         tokio_rt.block_on(async {
