@@ -411,6 +411,19 @@ fn ofd_lock(file: &File, cmd: libc::c_int) -> std::io::Result<libc::flock> {
 }
 
 /// Takes the sandbox's lock, or says who has it.
+/// The id, directory and lock of the existing sandbox `id`: `NotFound`
+/// for a malformed or unknown id, `Busy` if a handle holds it.
+fn lock_existing(rt: &RuntimeInner, id: &str) -> Result<(SandboxId, PathBuf, File)> {
+    let not_found = || Error::NotFound { id: id.to_owned() };
+    let id = SandboxId::parse(id).ok_or_else(not_found)?;
+    let dir = rt.dir.join("sandboxes").join(id.as_str());
+    if !dir.is_dir() {
+        return Err(not_found());
+    }
+    let lock = lock_sandbox(&dir, &id)?;
+    Ok((id, dir, lock))
+}
+
 fn lock_sandbox(dir: &Path, id: &SandboxId) -> Result<File> {
     let path = dir.join(LOCK_FILE);
     let file = File::options()
@@ -1051,13 +1064,7 @@ impl Sandbox<Running> {
 impl Sandbox<Paused> {
     /// A handle on the paused sandbox `id` of the runtime.
     pub(crate) fn open(rt: Arc<RuntimeInner>, id: &str) -> Result<Sandbox<Paused>> {
-        let not_found = || Error::NotFound { id: id.to_owned() };
-        let id = SandboxId::parse(id).ok_or_else(not_found)?;
-        let dir = rt.dir.join("sandboxes").join(id.as_str());
-        if !dir.is_dir() {
-            return Err(not_found());
-        }
-        let lock = lock_sandbox(&dir, &id)?;
+        let (id, dir, lock) = lock_existing(&rt, id)?;
         Self::with_lock(rt, id, dir, lock)
     }
 
@@ -1066,13 +1073,7 @@ impl Sandbox<Paused> {
     /// damaged or foreign, its template gone or rebuilt, its creation
     /// crashed), which must still be killable.
     pub(crate) fn delete_unopened(rt: &RuntimeInner, id: &str) -> Result<()> {
-        let not_found = || Error::NotFound { id: id.to_owned() };
-        let id = SandboxId::parse(id).ok_or_else(not_found)?;
-        let dir = rt.dir.join("sandboxes").join(id.as_str());
-        if !dir.is_dir() {
-            return Err(not_found());
-        }
-        let _lock = lock_sandbox(&dir, &id)?;
+        let (_, dir, _lock) = lock_existing(rt, id)?;
         std::fs::remove_dir_all(&dir).map_err(Error::io(format!("cannot delete {}", dir.display())))
     }
 
@@ -1262,16 +1263,7 @@ impl Sandbox<Paused> {
                         source,
                     }
                 })?;
-                if digest != layer.data_crc32 {
-                    return Err(snapshot::SnapshotError::Corrupt {
-                        path: dir.join(&layer.file),
-                        reason: format!(
-                            "its pages have digest {digest:#010x}, the pause wrote {:#010x}",
-                            layer.data_crc32
-                        ),
-                    }
-                    .into());
-                }
+                layer.check_digest(&dir, digest)?;
             }
             let disk = CowDisk::open(&rootfs, &dir.join("disk"), manifest.disk_layer)?;
             let block = Block::new(disk, false).map_err(|e| Error::InvalidConfig(e.to_string()))?;

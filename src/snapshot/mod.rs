@@ -194,6 +194,24 @@ pub struct MemoryLayer {
     pub data_crc32: u32,
 }
 
+impl MemoryLayer {
+    /// `Corrupt`, naming the file in `dir`, unless `found` (the
+    /// [`PageDigest`](memory::PageDigest) of the pages read back) is the
+    /// one the pause wrote.
+    pub fn check_digest(&self, dir: &Path, found: u32) -> Result<(), SnapshotError> {
+        if found == self.data_crc32 {
+            return Ok(());
+        }
+        Err(SnapshotError::corrupt(
+            &dir.join(&self.file),
+            format!(
+                "its pages have digest {found:#010x}, the pause wrote {:#010x}",
+                self.data_crc32
+            ),
+        ))
+    }
+}
+
 /// The memory files of a snapshot, opened and checked.
 #[derive(Debug)]
 pub struct MemoryFiles {
@@ -460,15 +478,7 @@ pub fn check_base(dir: &Path, manifest: &Manifest, file: &File) -> Result<(), Sn
             at += n as u64;
         }
     }
-    let found = digest.finish();
-    let expected = manifest.memory[0].data_crc32;
-    if found != expected {
-        return Err(SnapshotError::corrupt(
-            &path,
-            format!("its pages have digest {found:#010x}, the pause wrote {expected:#010x}"),
-        ));
-    }
-    Ok(())
+    manifest.memory[0].check_digest(dir, digest.finish())
 }
 
 /// The pages a snapshot's memory files hold (the base's data extents and
