@@ -7,6 +7,8 @@
 //! - `create`: from the template's snapshot to a running sandbox whose
 //!   agent answered (the template snapshot is made before, untimed);
 //! - `create + first command`: the same, then `true` run in the guest;
+//! - `create` for the template at its memory size and at 4x it: the VMM
+//!   side should not grow with it (memory is mapped, not copied);
 //! - `fork N` (N = 1, 4, 16): total, and per sandbox;
 //! - memory per extra idle sandbox of the template: the growth of this
 //!   process's proportional set size (PSS, which counts a page shared by
@@ -126,6 +128,43 @@ fn benches(c: &mut Criterion) {
         "create + first command".into(),
         format!("{:.1?}", median(&mut first_commands.lock().unwrap())),
     ));
+
+    // Create against template memory size: the same template at 4x the
+    // memory (its own snapshot, made untimed), five creates each.
+    let big_mib = 4 * rt.template(TEMPLATE).expect("template").manifest.mem_mib;
+    let big = SandboxConfig::default().memory_mib(big_mib);
+    let t = Instant::now();
+    tokio_rt
+        .block_on(async { rt.create(TEMPLATE, big.clone()).await?.kill().await })
+        .expect("create");
+    eprintln!(
+        "{big_mib} MiB template snapshot made (boot) in {:.1?}",
+        t.elapsed()
+    );
+    for (label, config) in [("default", SandboxConfig::default()), ("4x", big)] {
+        let (mut total, mut vmm) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let start = Instant::now();
+            let sbx = tokio_rt
+                .block_on(rt.create(TEMPLATE, config.clone()))
+                .expect("create");
+            total.push(start.elapsed());
+            let parts = sbx.start_timings().expect("timings");
+            vmm.push(parts.prepare + parts.restore);
+            let memory = sbx.info().memory_mib;
+            tokio_rt.block_on(sbx.kill()).expect("kill");
+            if vmm.len() == 5 {
+                rows.push((
+                    format!("create, {label} template memory ({memory} MiB)"),
+                    format!(
+                        "{:.1?} (VMM side {:.1?})",
+                        median(&mut total),
+                        median(&mut vmm)
+                    ),
+                ));
+            }
+        }
+    }
 
     // Fork: N = 1, 4, 16, three times each; medians.
     let mut parent = tokio_rt

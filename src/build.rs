@@ -17,6 +17,8 @@ use crate::runtime::{lock_file, remove_snapshot_dir, valid_name, Runtime};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::Command;
 
+mod apt;
+
 /// The file describing a built template.
 const SPEC: &str = "template.json";
 /// The folder of built templates in the state directory.
@@ -28,6 +30,7 @@ pub(crate) const BUILT: &str = "built-templates";
 /// # async fn demo(rt: dormouse::Runtime) -> dormouse::Result<()> {
 /// use dormouse::TemplateBuilder;
 /// let spec = TemplateBuilder::new("web", "python")
+///     .apt_install(["sqlite3"])
 ///     .run("mkdir -p /srv && echo hello > /srv/index.html")
 ///     .file("/srv/app.py", "print('app')\n")
 ///     .env("GREETING", "hi")
@@ -41,6 +44,7 @@ pub(crate) const BUILT: &str = "built-templates";
 pub struct TemplateBuilder {
     name: String,
     base: String,
+    packages: Vec<String>,
     commands: Vec<String>,
     files: Vec<(String, Vec<u8>)>,
     env: BTreeMap<String, String>,
@@ -62,6 +66,7 @@ impl TemplateBuilder {
         TemplateBuilder {
             name: name.into(),
             base: base.into(),
+            packages: Vec::new(),
             commands: Vec::new(),
             files: Vec::new(),
             env: BTreeMap::new(),
@@ -72,6 +77,21 @@ impl TemplateBuilder {
             vcpus: None,
             step_timeout: Duration::from_secs(1800),
         }
+    }
+
+    /// Installs Debian packages (`name` or `name=version`), with the
+    /// dependencies the base lacks, before the files and commands. The
+    /// guest has no network: the host's `apt-get` downloads them from the
+    /// guest's apt sources (checked with the host's apt keys) and the
+    /// build installs them in the guest with `dpkg -i`. Needs `apt-get` on
+    /// the host and network there.
+    pub fn apt_install<I, S>(mut self, packages: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.packages.extend(packages.into_iter().map(Into::into));
+        self
     }
 
     /// Runs the shell command line at build time (in order with the other
@@ -141,6 +161,7 @@ impl TemplateBuilder {
             name: self.name.clone(),
             base: self.base.clone(),
             base_snapshot,
+            packages: self.packages.clone(),
             commands: self.commands.clone(),
             files: self
                 .files
@@ -168,6 +189,8 @@ pub(crate) struct BuiltSpec {
     /// The base template's snapshot directory (its name carries the key of
     /// everything it depends on).
     pub base_snapshot: String,
+    #[serde(default)]
+    pub packages: Vec<String>,
     pub commands: Vec<String>,
     pub files: Vec<FileDigest>,
     pub env: BTreeMap<String, String>,
@@ -207,22 +230,27 @@ pub(crate) fn find(state: &Path, name: &str) -> Option<(PathBuf, BuiltSpec)> {
 
 impl Runtime {
     /// Builds the template `spec` names on its base template: starts a
-    /// sandbox from the base's snapshot, writes the files, runs the
-    /// commands, starts the start command, and snapshots it under the new
+    /// sandbox from the base's snapshot, installs the Debian packages,
+    /// writes the files, runs the commands, starts the start command, and
+    /// snapshots it under the new
     /// name, for [`Runtime::create`] (which then looks for it first). If
     /// the same spec was built on the same base before, that build is kept
     /// and this returns at once. Returns whether it built.
     ///
     /// A command that exits non-zero (or runs past the step timeout) fails
-    /// the build with [`Error::TemplateBuild`], naming it, with its output.
-    /// Extra Debian packages are installed by a build command
-    /// (`apt-get install`) when the guest has network, or by building the
-    /// base image with them (`guest/rootfs/build.sh`).
+    /// the build with [`Error::TemplateBuild`], naming it, with its output;
+    /// so does a package apt cannot find or download (apt's message).
+    /// [`Error::InvalidConfig`] for a malformed template or package name.
     pub async fn build_template(&self, spec: TemplateBuilder) -> Result<bool> {
         let name = spec.name.clone();
         if !valid_name(&name) || name == spec.base {
             return Err(Error::InvalidConfig(format!(
                 "template name {name:?}: use 1 to 64 of [A-Za-z0-9._-], not starting with a dot, other than the base's"
+            )));
+        }
+        if let Some(bad) = spec.packages.iter().find(|p| !apt::valid_package(p)) {
+            return Err(Error::InvalidConfig(format!(
+                "Debian package {bad:?}: give a package name (lower case letters, digits, + - .), optionally =version"
             )));
         }
         let built = self.dir().join(BUILT);
@@ -269,6 +297,13 @@ impl Runtime {
             reason,
         };
         let setup = async {
+            if !spec.packages.is_empty() {
+                install_packages(&sbx, &built, &name, &spec.packages, spec.step_timeout)
+                    .await
+                    .map_err(|reason| {
+                        fail(format!("install {}", spec.packages.join(" ")), reason)
+                    })?;
+            }
             for (path, data) in &spec.files {
                 sbx.files()
                     .write(path, data)
@@ -345,6 +380,71 @@ impl Runtime {
     }
 }
 
+/// Installs `packages` in the build sandbox `sbx` (see
+/// [`TemplateBuilder::apt_install`]), downloading them in a work directory
+/// under `built`. The error says what failed, with apt's or dpkg's output.
+async fn install_packages(
+    sbx: &Sandbox<crate::Running>,
+    built: &Path,
+    name: &str,
+    packages: &[String],
+    step_timeout: Duration,
+) -> std::result::Result<(), String> {
+    let out = sbx
+        .commands()
+        .exec(Command::shell(apt::GUEST_FACTS))
+        .await
+        .map_err(|e| format!("cannot ask the guest for its apt sources: {e}"))?;
+    let facts = apt::parse_facts(&out.stdout)?;
+    let status = sbx
+        .files()
+        .read("/var/lib/dpkg/status")
+        .await
+        .map_err(|e| format!("cannot read the guest's /var/lib/dpkg/status: {e}"))?;
+
+    let work = built.join(format!(".apt-{name}"));
+    let _ = std::fs::remove_dir_all(&work);
+    let download = {
+        let work = work.clone();
+        let packages = packages.to_vec();
+        tokio::task::spawn_blocking(move || apt::download(&work, &facts, &status, &packages))
+    };
+    let installed = async {
+        let debs = download
+            .await
+            .map_err(|e| format!("the download task failed: {e}"))??;
+        if debs.is_empty() {
+            return Ok(()); // the base has them all
+        }
+        for deb in &debs {
+            let mut file = tokio::fs::File::open(deb)
+                .await
+                .map_err(|e| format!("cannot open {}: {e}", deb.display()))?;
+            let file_name = deb.file_name().unwrap_or_default().to_string_lossy();
+            let target = format!("{}/{file_name}", apt::GUEST_DIR);
+            sbx.files()
+                .write_from(&target, &mut file)
+                .await
+                .map_err(|e| format!("cannot copy {file_name} into the guest: {e}"))?;
+        }
+        let out = sbx
+            .commands()
+            .exec(Command::shell(apt::install_command(&debs)).timeout(step_timeout))
+            .await
+            .map_err(|e| format!("dpkg -i: {e}"))?;
+        if out.exit_code != 0 {
+            return Err(format!(
+                "dpkg -i: exit code {}\nstdout: {}\nstderr: {}",
+                out.exit_code, out.stdout, out.stderr
+            ));
+        }
+        Ok(())
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&work).await;
+    installed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,6 +466,7 @@ mod tests {
             base.clone().cwd("/tmp"),
             base.clone().start("sleep 1"),
             base.clone().ready("true"),
+            base.clone().apt_install(["jq"]),
         ] {
             assert_ne!(spec, other.spec("python-1".into()));
         }

@@ -570,11 +570,18 @@ impl Runtime {
     }
 
     /// Resumes the paused sandbox `id` (paused by this process or another
-    /// one, before or after a restart).
+    /// one, before or after a restart), or gives another handle on it if it
+    /// runs under a handle of this runtime.
+    ///
+    /// Handles on a running sandbox share it: each can run commands, use
+    /// files and ports, snapshot or fork it; the sandbox is killed when the
+    /// last of them is dropped (or by [`Sandbox::kill`] on any, which spends
+    /// the others: [`Error::NotFound`]); [`Sandbox::pause`] on one spends
+    /// the others ([`Error::SandboxPaused`]; connect again after a resume).
     ///
     /// Gives [`Error::NotFound`] for an unknown or killed id,
-    /// [`Error::NotPaused`] for one that is running, [`Error::Busy`] while
-    /// another handle holds it.
+    /// [`Error::Busy`] while another process (or a paused handle of this
+    /// one) holds it.
     ///
     /// ```no_run
     /// # async fn demo(rt: dormouse::Runtime, id: &str) -> dormouse::Result<()> {
@@ -583,17 +590,30 @@ impl Runtime {
     /// # Ok(()) }
     /// ```
     pub async fn connect(&self, id: &str) -> Result<Sandbox<Running>> {
+        if let Some(sbx) = self.attach(id) {
+            return Ok(sbx);
+        }
         Ok(self.paused(id).await?.resume().await?)
     }
 
     /// [`connect`](Self::connect) with a timeout other than the one the
-    /// sandbox was created with, from now on.
+    /// sandbox was created with, from now on (also for one that runs).
     pub async fn connect_with_timeout(
         &self,
         id: &str,
         timeout: Duration,
     ) -> Result<Sandbox<Running>> {
+        if let Some(sbx) = self.attach(id) {
+            sbx.set_timeout(timeout)?;
+            return Ok(sbx);
+        }
         Ok(self.paused(id).await?.resume_with_timeout(timeout).await?)
+    }
+
+    /// Another handle on the sandbox `id` if it runs under a handle of this
+    /// runtime.
+    fn attach(&self, id: &str) -> Option<Sandbox<Running>> {
+        Sandbox::attach(self.inner.clone(), self.inner.running(id)?)
     }
 
     /// A handle on the paused sandbox `id`, without resuming it.

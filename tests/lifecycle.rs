@@ -450,13 +450,43 @@ async fn timeouts_kill_or_auto_pause_and_resume_resets_them() {
     ));
     let sbx2 = rt.connect(&id).await.expect("resume after a pause by id");
     assert_eq!(code(&sbx2, "print(x)").await, "42\n");
+    // connect on a running sandbox gives another handle on it: they share
+    // it, and dropping one leaves it running under the others.
+    let sbx3 = rt.connect(&id).await.expect("a second handle");
+    assert_eq!(code(&sbx3, "x += 1\nprint(x)").await, "43\n");
+    assert_eq!(code(&sbx2, "print(x)").await, "43\n");
+    drop(sbx2);
+    assert_eq!(code(&sbx3, "print(x)").await, "43\n");
+    let sbx4 = rt
+        .connect_with_timeout(&id, Duration::from_secs(900))
+        .await
+        .expect("a third handle");
+    let end = rt.info(&id).await.unwrap().end_at_ms.unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(end > now_ms + 800_000, "connect_with_timeout sets it");
     rt.kill(&id).await.expect("kill by id");
-    assert!(matches!(
-        spent(sbx2.commands().run("true")).await,
-        Error::NotFound { .. }
-    ));
+    for handle in [&sbx3, &sbx4] {
+        assert!(matches!(
+            spent(handle.commands().run("true")).await,
+            Error::NotFound { .. }
+        ));
+    }
     assert!(matches!(rt.info(&id).await, Err(Error::NotFound { .. })));
-    drop((sbx, sbx2));
+    drop((sbx, sbx3, sbx4));
+    // The last handle to go kills it.
+    let first = rt.create(TEMPLATE, SandboxConfig::default()).await.unwrap();
+    let shared_id = first.id().to_string();
+    let second = rt.connect(&shared_id).await.unwrap();
+    drop(first);
+    assert_eq!(sh(&second, "echo still").await, "still\n");
+    drop(second);
+    assert!(matches!(
+        rt.info(&shared_id).await,
+        Err(Error::NotFound { .. })
+    ));
 
     // The runtime's maximum running time overrides a long timeout.
     let capped = dormouse::Runtime::builder(state.path())
@@ -533,6 +563,10 @@ async fn templates_built_on_templates_start_with_their_setup_running() {
         return;
     };
     let spec = dormouse::TemplateBuilder::new("web", TEMPLATE)
+        // Not in the base image, with dependencies (libjq1, libonig5) it
+        // lacks too; installed before the commands run.
+        .apt_install(["jq"])
+        .run("jq --version")
         .file("/srv/www/hello.txt", common::HELLO)
         .run("mkdir -p /srv/www/sub && echo built > /srv/www/sub/marker")
         .run("test \"$GREETING\" = hi")
@@ -564,6 +598,10 @@ async fn templates_built_on_templates_start_with_their_setup_running() {
     assert_eq!(
         sh(&sbx, "echo $GREETING $EXTRA; pwd; cat sub/marker").await,
         "hi 1\n/srv/www\nbuilt\n"
+    );
+    assert_eq!(
+        sh(&sbx, "echo '{\"a\": [1, 2]}' | jq -c .a").await,
+        "[1,2]\n"
     );
     // The start command runs from the start.
     let procs = sbx.commands().list().await.unwrap();
@@ -601,6 +639,29 @@ async fn templates_built_on_templates_start_with_their_setup_running() {
     assert!(matches!(
         rt.create("bad", SandboxConfig::default()).await,
         Err(Error::TemplateNotFound { .. })
+    ));
+    // A package apt does not know fails the build with apt's word; a
+    // name that is not a package name is refused before any work.
+    let err = rt
+        .build_template(
+            dormouse::TemplateBuilder::new("nopkg", TEMPLATE)
+                .apt_install(["dormouse-no-such-package"]),
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        Error::TemplateBuild { step, reason, .. } => {
+            assert!(step.contains("dormouse-no-such-package"), "{err}");
+            assert!(reason.contains("Unable to locate package"), "{err}");
+        }
+        other => panic!("expected a build error, got {other}"),
+    }
+    assert!(matches!(
+        rt.build_template(
+            dormouse::TemplateBuilder::new("badpkg", TEMPLATE).apt_install(["--force-yes"])
+        )
+        .await,
+        Err(Error::InvalidConfig(_))
     ));
     assert_eq!(
         std::fs::read_dir(state.path().join("sandboxes"))

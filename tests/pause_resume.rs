@@ -305,13 +305,27 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     assert_eq!(out, "child was here\n");
     check_state(&sbx, &pid, seen, booted).await;
 
-    // A running sandbox cannot be taken by id; a paused one can be killed.
+    // connect on a running sandbox gives another handle on it; a pause
+    // through one spends the others; a paused handle holds it (Busy).
+    let other = rt.connect(&id).await.expect("another handle");
+    assert_eq!(run(&other, "cat /tmp/from-child").await, "child was here\n");
+    let paused = sbx.pause().await.expect("pause a shared sandbox");
+    let spent = tokio::time::timeout(Duration::from_secs(10), other.commands().run("true"))
+        .await
+        .expect("a spent handle answers at once");
+    assert!(
+        matches!(spent, Err(Error::SandboxPaused { .. })),
+        "{spent:?}"
+    );
+    drop(other);
     assert!(matches!(
         rt.connect(&id).await.unwrap_err(),
         Error::Busy { .. }
     ));
-    let paused = sbx.pause().await.expect("pause");
-    drop(paused);
+    let sbx = paused.resume().await.expect("resume the shared sandbox");
+    check_state(&sbx, &pid, seen, booted).await;
+    drop(sbx.pause().await.expect("pause"));
+    // A paused sandbox can be killed by id.
     // Killing needs no usable snapshot: a damaged one is deleted too.
     std::fs::write(dir.join("snapshot.json"), &bad_manifest).unwrap();
     rt.kill(&id).await.expect("kill by id");

@@ -41,6 +41,8 @@ pub(crate) enum Taken {
 pub(crate) struct Live {
     pub(super) id: SandboxId,
     pub(super) dir: PathBuf,
+    /// The template's root filesystem image, under the disk overlay.
+    pub(super) rootfs: PathBuf,
     pub(super) link: Arc<AgentLink>,
     state: Mutex<LiveState>,
     /// Held across a transition (pause, snapshot, kill): one at a time.
@@ -78,6 +80,11 @@ pub(super) struct LiveState {
     pub deadline: Option<Instant>,
     /// While running: the end of the runtime's maximum running time.
     pub run_limit: Option<Instant>,
+    /// While running: the lifecycle timer.
+    pub timer: Option<tokio::task::AbortHandle>,
+    /// How many handles share the sandbox: one, or more while it runs
+    /// (see [`Live::attach`]). The last one to go kills it.
+    pub handles: usize,
 }
 
 impl LiveState {
@@ -102,12 +109,14 @@ impl Live {
     pub(super) fn new(
         id: SandboxId,
         dir: PathBuf,
+        rootfs: PathBuf,
         link: Arc<AgentLink>,
         state: LiveState,
     ) -> Arc<Self> {
         Arc::new(Live {
             id,
             dir,
+            rootfs,
             link,
             state: Mutex::new(state),
             transition: tokio::sync::Mutex::new(()),
@@ -139,6 +148,24 @@ impl Live {
     pub(crate) fn is_running(&self) -> bool {
         let st = self.st();
         st.taken.is_none() && st.info.state != SandboxState::Paused
+    }
+
+    /// One more handle on the sandbox, if it runs (not taken, not paused,
+    /// no transition at work on it): see [`Runtime::connect`](crate::Runtime::connect).
+    pub(super) fn attach(&self) -> bool {
+        let mut st = self.st();
+        let running = st.taken.is_none() && st.machine.is_some();
+        if running {
+            st.handles += 1;
+        }
+        running
+    }
+
+    /// Ends the lifecycle timer.
+    pub(super) fn stop_timer(&self) {
+        if let Some(timer) = self.st().timer.take() {
+            timer.abort();
+        }
     }
 
     /// Waits until no transition is at work.

@@ -224,11 +224,9 @@ struct SandboxInner {
     /// Connections to the guest (to the agent while running; shared with
     /// port forwards, which outlive a pause).
     link: Arc<AgentLink>,
-    /// The state that changes, shared with the lifecycle timer and the
-    /// runtime's registry.
+    /// The state that changes, shared with the lifecycle timer, the
+    /// runtime's registry and the other handles on a running sandbox.
     live: Arc<Live>,
-    /// While running: the lifecycle timer.
-    timer: Option<tokio::task::AbortHandle>,
     /// How the last start (create or resume) went.
     timings: Option<StartTimings>,
 }
@@ -317,11 +315,15 @@ async fn connect_vsock(connector: VsockConnector) -> Result<tokio::net::UnixStre
 
 impl Drop for SandboxInner {
     fn drop(&mut self) {
-        if let Some(timer) = self.timer.take() {
+        let mut st = self.live.st();
+        st.handles = st.handles.saturating_sub(1);
+        if st.handles > 0 {
+            return; // the sandbox runs on under its other handles
+        }
+        if let Some(timer) = st.timer.take() {
             timer.abort();
         }
         self.link.close();
-        let mut st = self.live.st();
         if let Some(mut machine) = st.machine.take() {
             machine.stop();
         }
@@ -350,7 +352,7 @@ impl SandboxInner {
         state: LiveState,
     ) -> Self {
         let template = state.record.template.clone();
-        let live = Live::new(id.clone(), dir.clone(), link.clone(), state);
+        let live = Live::new(id.clone(), dir.clone(), rootfs.clone(), link.clone(), state);
         SandboxInner {
             id,
             dir,
@@ -359,9 +361,27 @@ impl SandboxInner {
             rootfs,
             link,
             live,
-            timer: None,
             timings: None,
         }
+    }
+
+    /// Another handle's inner part over the running sandbox `live`, if it
+    /// still runs.
+    fn attach(rt: Arc<RuntimeInner>, live: Arc<Live>) -> Option<Self> {
+        if !live.attach() {
+            return None;
+        }
+        let template = live.st().record.template.clone();
+        Some(SandboxInner {
+            id: live.id.clone(),
+            dir: live.dir.clone(),
+            rt,
+            template,
+            rootfs: live.rootfs.clone(),
+            link: live.link.clone(),
+            live,
+            timings: None,
+        })
     }
 
     /// The sandbox runs (created or resumed): starts its timeout, `timeout`
@@ -379,7 +399,8 @@ impl SandboxInner {
                 log::warn!("{e}");
             }
         }
-        if let Some(old) = self.timer.replace(self.live.start_timer()) {
+        let timer = self.live.start_timer();
+        if let Some(old) = self.live.st().timer.replace(timer) {
             old.abort();
         }
         self.rt.register(&self.id, &self.live);
@@ -387,9 +408,7 @@ impl SandboxInner {
 
     /// The sandbox stopped running under this handle: its timer ends.
     fn stop_timer(&mut self) {
-        if let Some(timer) = self.timer.take() {
-            timer.abort();
-        }
+        self.live.stop_timer();
     }
 }
 
@@ -649,6 +668,8 @@ impl Sandbox<Running> {
             taken: None,
             deadline: None,
             run_limit: None,
+            timer: None,
+            handles: 1,
         };
         let link = AgentLink::new(Some(vsock));
         let mut sandbox = Sandbox {
@@ -887,6 +908,15 @@ impl Sandbox<Running> {
         }
     }
 
+    /// Another handle on the sandbox running under `live`, if it still
+    /// runs: see [`Runtime::connect`](crate::Runtime::connect).
+    pub(crate) fn attach(rt: Arc<RuntimeInner>, live: Arc<Live>) -> Option<Self> {
+        Some(Sandbox {
+            inner: SandboxInner::attach(rt, live)?,
+            _state: PhantomData,
+        })
+    }
+
     /// Stops the guest and deletes every file of the sandbox. Permanent.
     pub async fn kill(mut self) -> Result<()> {
         self.inner.stop_timer();
@@ -911,6 +941,10 @@ impl Sandbox<Running> {
     /// Written is every page the guest ever touched (all-zero pages are
     /// left as holes). On failure the sandbox is handed back running.
     ///
+    /// Other handles on the sandbox (from
+    /// [`Runtime::connect`](crate::Runtime::connect) while it ran) are
+    /// spent by the pause: their calls give [`Error::SandboxPaused`].
+    ///
     /// ```no_run
     /// # async fn demo(sbx: dormouse::Sandbox<dormouse::Running>) -> dormouse::Result<()> {
     /// let paused = sbx.pause().await?;
@@ -918,19 +952,43 @@ impl Sandbox<Running> {
     /// # Ok(()) }
     /// ```
     pub async fn pause(mut self) -> std::result::Result<Sandbox<Paused>, PauseError> {
-        match self.inner.live.pause(false).await {
-            Ok(()) => {
-                self.inner.stop_timer();
-                Ok(Sandbox {
-                    inner: self.inner,
-                    _state: PhantomData,
-                })
-            }
-            Err(error) => Err(PauseError {
+        if let Err(error) = self.inner.live.pause(false).await {
+            return Err(PauseError {
                 sandbox: self,
                 error,
-            }),
+            });
         }
+        self.inner.stop_timer();
+        let lock = {
+            let mut st = self.inner.live.st();
+            if st.handles == 1 {
+                drop(st);
+                return Ok(Sandbox {
+                    inner: self.inner,
+                    _state: PhantomData,
+                });
+            }
+            // Other handles share it: they are spent, as by a pause by id,
+            // and this one hands its lock to a new paused handle.
+            st.taken = Some(live::Taken::Paused);
+            st.lock.take()
+        };
+        let reopened = lock.ok_or_else(|| Error::SandboxPaused {
+            id: self.inner.id.to_string(),
+        });
+        let rt = self.inner.rt.clone();
+        let (id, dir) = (self.inner.id.clone(), self.inner.dir.clone());
+        let reopened = match reopened {
+            Ok(lock) => tokio::task::spawn_blocking(move || Sandbox::with_lock(rt, id, dir, lock))
+                .await
+                .map_err(|e| join_error("reopen", e))
+                .and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        reopened.map_err(|error| PauseError {
+            sandbox: self,
+            error,
+        })
     }
 
     /// Records a named snapshot of the sandbox, which then runs on: the
@@ -1126,6 +1184,8 @@ impl Sandbox<Paused> {
             taken: None,
             deadline: None,
             run_limit: None,
+            timer: None,
+            handles: 1,
         };
         Ok(Sandbox {
             inner: SandboxInner::new(
@@ -1232,10 +1292,12 @@ impl Sandbox<Paused> {
     /// while the guest runs (its disk writes go to a pending layer, see
     /// [`crate::disk`]), so a crash of this process leaves it resumable.
     ///
-    /// Memory layers are checked as they are read; the base memory file,
-    /// mapped lazily, is checked by the task returned (unless this process
-    /// checked that file already), which the caller awaits before it hands
-    /// the sandbox out.
+    /// Memory is mapped lazily: the base file and the long runs of pages
+    /// of each layer (the short ones are copied, see
+    /// [`memory::map_layers`]). The memory files are checked against their
+    /// digests by the task returned (those this process has not checked
+    /// before), which runs while the guest starts and which the caller
+    /// awaits before it hands the sandbox out.
     async fn restore(&mut self) -> Result<Option<tokio::task::JoinHandle<Result<()>>>> {
         let dir = self.inner.dir.clone();
         let rootfs = self.inner.rootfs.clone();
@@ -1255,16 +1317,16 @@ impl Sandbox<Paused> {
                     reason,
                 }
             })?;
-            for ((file, pages), layer) in files.layers.iter().zip(&manifest.memory[1..]) {
-                let (_, digest) = memory::load_pages(&memory, file, pages).map_err(|source| {
-                    snapshot::SnapshotError::Io {
-                        what: "read the memory layer",
-                        path: dir.join(&layer.file),
-                        source,
-                    }
-                })?;
-                layer.check_digest(&dir, digest)?;
-            }
+            let layers: Vec<(&File, &[u64])> = files
+                .layers
+                .iter()
+                .map(|(file, pages)| (file, pages.as_slice()))
+                .collect();
+            memory::map_layers(&memory, &layers).map_err(|source| snapshot::SnapshotError::Io {
+                what: "map the memory layers of",
+                path: dir.clone(),
+                source,
+            })?;
             let disk = CowDisk::open(&rootfs, &dir.join("disk"), manifest.disk_layer)?;
             let block = Block::new(disk, false).map_err(|e| Error::InvalidConfig(e.to_string()))?;
             let disk = block.disk();
@@ -1282,26 +1344,56 @@ impl Sandbox<Paused> {
                 },
                 &state,
             );
-            Ok((machine?, connector, disk, manifest, files.base))
+            Ok((machine?, connector, disk, manifest, files))
         })
         .await
         .map_err(|e| join_error("resume", e))??;
-        let (machine, connector, disk, manifest, base) = restored;
-        let check = match crate::runtime::FileIdentity::of(&base) {
-            Ok(identity) if self.inner.rt.memory_checked(&identity) => None,
-            identity => {
-                let rt = self.inner.rt.clone();
-                let dir = self.inner.dir.clone();
-                let manifest = manifest.clone();
-                Some(tokio::task::spawn_blocking(move || {
+        let (machine, connector, disk, manifest, files) = restored;
+        // The memory files this process has not checked yet (each is
+        // written once and never changed: checked once per process).
+        let rt = &self.inner.rt;
+        let unchecked = |file: &File| match crate::runtime::FileIdentity::of(file) {
+            Ok(identity) if rt.memory_checked(&identity) => None,
+            identity => Some(identity.ok()),
+        };
+        let base = unchecked(&files.base).map(|identity| (files.base, identity));
+        let layers: Vec<_> = files
+            .layers
+            .into_iter()
+            .zip(manifest.memory[1..].iter().cloned())
+            .filter_map(|((file, pages), layer)| {
+                unchecked(&file).map(|identity| (file, pages, layer, identity))
+            })
+            .collect();
+        let check = (base.is_some() || !layers.is_empty()).then(|| {
+            let rt = self.inner.rt.clone();
+            let dir = self.inner.dir.clone();
+            let manifest = manifest.clone();
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                if let Some((base, identity)) = base {
                     snapshot::check_base(&dir, &manifest, &base)?;
-                    if let Ok(identity) = identity {
+                    if let Some(identity) = identity {
                         rt.set_memory_checked(identity);
                     }
-                    Ok(())
-                }))
-            }
-        };
+                }
+                let total_pages = (manifest.memory_len / memory::PAGE_SIZE as u64) as usize;
+                for (file, pages, layer, identity) in layers {
+                    let digest =
+                        memory::layer_digest(&file, &pages, total_pages).map_err(|source| {
+                            snapshot::SnapshotError::Io {
+                                what: "read the memory layer",
+                                path: dir.join(&layer.file),
+                                source,
+                            }
+                        })?;
+                    layer.check_digest(&dir, digest)?;
+                    if let Some(identity) = identity {
+                        rt.set_memory_checked(identity);
+                    }
+                }
+                Ok(())
+            })
+        });
         let mut st = self.inner.live.st();
         st.based_on = Some(manifest);
         st.dirty_log_complete = true;

@@ -33,7 +33,7 @@ pub struct SaveStats {
 
 /// A CRC-32 of pages with their page numbers (a page moved within a file
 /// changes it too), in increasing page order: what [`save_pages`] writes,
-/// [`load_pages`] reads back, or a reader of a memory file's non-zero
+/// [`layer_digest`] reads back, or a reader of a memory file's non-zero
 /// pages sees.
 #[derive(Debug, Default, Clone)]
 pub struct PageDigest(crc32fast::Hasher);
@@ -130,47 +130,160 @@ pub fn save_pages(
     Ok(stats)
 }
 
-/// Copies the pages whose bit is set in `pages` from `file` (a layer
-/// written by [`save_pages`]) into guest memory; returns the bytes copied
-/// and their [`PageDigest`]. Call before the vCPUs start.
-pub fn load_pages(mem: &GuestMemory, file: &File, pages: &[u64]) -> io::Result<(u64, u32)> {
-    let mut copied = 0;
-    let mut digest = PageDigest::default();
-    let mut base = 0u64;
-    for region in mem.iter() {
-        let len = region.len() as usize;
-        // SAFETY: the region is a live, writable mapping of `len` bytes owned
-        // by `mem`; nothing else accesses guest memory before the vCPUs and
-        // devices start, which the caller guarantees.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), len) };
-        let first_page = (base / PAGE_SIZE as u64) as usize;
-        let count = len / PAGE_SIZE;
-        let set = |i: usize| {
-            let page = first_page + i;
-            pages
-                .get(page / 64)
-                .is_some_and(|w| w & (1 << (page % 64)) != 0)
-        };
-        let mut i = 0;
-        while i < count {
-            if !set(i) {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while i < count && set(i) {
-                i += 1;
-            }
-            let range = start * PAGE_SIZE..i * PAGE_SIZE;
-            file.read_exact_at(&mut bytes[range.clone()], base + range.start as u64)?;
-            for (k, page) in bytes[range.clone()].chunks(PAGE_SIZE).enumerate() {
-                digest.add((first_page + start + k) as u64, page);
-            }
-            copied += range.len() as u64;
+/// At most this many runs of a resume's memory layers are mapped (each
+/// mapping is a VMA, and a process has ~65530 of them for all its
+/// sandboxes); the shorter runs beyond it are copied.
+pub const MAX_MAPPED_RUNS: usize = 1024;
+
+/// Runs shorter than this many pages are copied, not mapped: a mapping
+/// costs a VMA and a page fault per page anyway.
+const MIN_MAPPED_RUN: usize = 16;
+
+/// What [`map_layers`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LayerStats {
+    /// Bytes mapped from layer files (loaded lazily, on first access).
+    pub mapped: u64,
+    /// Bytes copied from layer files now.
+    pub copied: u64,
+    /// Mappings made.
+    pub runs_mapped: usize,
+}
+
+/// The runs of set bits in `pages` (one bit per page), as page ranges.
+fn runs(pages: &[u64], count: usize) -> Vec<std::ops::Range<usize>> {
+    let set = |page: usize| {
+        pages
+            .get(page / 64)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    };
+    let mut out = Vec::new();
+    let mut page = 0;
+    while page < count {
+        if pages.get(page / 64) == Some(&0) {
+            page = (page / 64 + 1) * 64; // skip empty words
+            continue;
         }
-        base += len as u64;
+        if !set(page) {
+            page += 1;
+            continue;
+        }
+        let start = page;
+        while page < count && set(page) {
+            page += 1;
+        }
+        out.push(start..page);
     }
-    Ok((copied, digest.finish()))
+    out
+}
+
+/// Puts the pages of memory layers (files written by [`save_pages`], each
+/// with its page bitmap), oldest first, over guest memory `mem`: long runs
+/// of pages are mapped privately from the layer file (`MAP_FIXED`: they
+/// load lazily, like the base), at most [`MAX_MAPPED_RUNS`] of them, the
+/// longest; the rest is copied. Nothing is read to check the data: see
+/// [`layer_digest`]. Call before the vCPUs and devices start.
+pub fn map_layers(mem: &GuestMemory, layers: &[(&File, &[u64])]) -> io::Result<LayerStats> {
+    let total_pages = mem.iter().map(|r| r.len() as usize / PAGE_SIZE).sum();
+    let all: Vec<Vec<std::ops::Range<usize>>> = layers
+        .iter()
+        .map(|(_, pages)| runs(pages, total_pages))
+        .collect();
+    // The shortest run that is mapped: the longest runs fill the budget.
+    let mut lengths: Vec<usize> = all.iter().flatten().map(|r| r.len()).collect();
+    lengths.sort_unstable_by(|a, b| b.cmp(a));
+    let min_mapped = lengths
+        .get(MAX_MAPPED_RUNS)
+        .map_or(MIN_MAPPED_RUN, |&l| (l + 1).max(MIN_MAPPED_RUN));
+
+    let mut stats = LayerStats::default();
+    for ((file, _), runs) in layers.iter().zip(&all) {
+        for run in runs {
+            let (mut page, end) = (run.start, run.end);
+            // A run may cross from one region into the next.
+            while page < end {
+                let (region, first_page) = region_of(mem, page)?;
+                let region_pages = region.len() as usize / PAGE_SIZE;
+                let stop = end.min(first_page + region_pages);
+                let offset = (page - first_page) * PAGE_SIZE;
+                let len = (stop - page) * PAGE_SIZE;
+                let file_offset = (page * PAGE_SIZE) as u64;
+                // SAFETY: `offset + len` lies within the region, a live
+                // mapping owned by `mem`; nothing accesses guest memory
+                // before the vCPUs and devices start (the caller's promise).
+                let target = unsafe { region.as_ptr().add(offset) };
+                if run.len() >= min_mapped && stats.runs_mapped < MAX_MAPPED_RUNS {
+                    // SAFETY: maps over part of `mem`'s own mapping (MAP_FIXED
+                    // replaces those pages only), privately, from a file we
+                    // hold open; `mem` unmaps the whole range when dropped.
+                    let mapped = unsafe {
+                        libc::mmap(
+                            target.cast(),
+                            len,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                            std::os::fd::AsRawFd::as_raw_fd(*file),
+                            file_offset as libc::off_t,
+                        )
+                    };
+                    if mapped == libc::MAP_FAILED {
+                        return Err(io::Error::last_os_error());
+                    }
+                    stats.mapped += len as u64;
+                    stats.runs_mapped += 1;
+                } else {
+                    // SAFETY: as above: `len` bytes of `mem`'s mapping that
+                    // nothing else accesses now.
+                    let bytes = unsafe { std::slice::from_raw_parts_mut(target, len) };
+                    file.read_exact_at(bytes, file_offset)?;
+                    stats.copied += len as u64;
+                }
+                page = stop;
+            }
+        }
+    }
+    Ok(stats)
+}
+
+/// The region holding guest page `page` (counted across regions, as in a
+/// memory file) and the number of its first page.
+fn region_of(
+    mem: &GuestMemory,
+    page: usize,
+) -> io::Result<(&GuestRegionMmap<AtomicBitmap>, usize)> {
+    let mut first = 0;
+    for region in mem.iter() {
+        let count = region.len() as usize / PAGE_SIZE;
+        if page < first + count {
+            return Ok((region, first));
+        }
+        first += count;
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("page {page} is beyond guest memory"),
+    ))
+}
+
+/// The [`PageDigest`] of the pages whose bit is set in `pages`, read from
+/// `file` (a layer written by [`save_pages`]), to compare with the one the
+/// pause recorded. `total_pages` bounds the bitmap.
+pub fn layer_digest(file: &File, pages: &[u64], total_pages: usize) -> io::Result<u32> {
+    let mut digest = PageDigest::default();
+    let mut buf = vec![0u8; 1 << 20];
+    for run in runs(pages, total_pages) {
+        let mut page = run.start;
+        while page < run.end {
+            let n = (run.end - page).min(buf.len() / PAGE_SIZE);
+            let bytes = &mut buf[..n * PAGE_SIZE];
+            file.read_exact_at(bytes, (page * PAGE_SIZE) as u64)?;
+            for (i, data) in bytes.chunks(PAGE_SIZE).enumerate() {
+                digest.add((page + i) as u64, data);
+            }
+            page += n;
+        }
+    }
+    Ok(digest.finish())
 }
 
 /// Maps `file` (as written by [`save_to_file`]) as `mem_size` bytes of
@@ -262,9 +375,19 @@ mod tests {
         let stats = save_pages(&mem, &layer, Some(&pages), false).unwrap();
         assert_eq!(stats.written, 2 * PAGE_SIZE as u64);
         let back = map_file(&file, size as u64).unwrap();
+        let layers = [(&layer, pages.as_slice())];
         assert_eq!(
-            load_pages(&back, &layer, &pages).unwrap(),
-            (2 * PAGE_SIZE as u64, stats.digest),
+            map_layers(&back, &layers).unwrap(),
+            LayerStats {
+                mapped: 0,
+                copied: 2 * PAGE_SIZE as u64,
+                runs_mapped: 0
+            },
+            "short runs are copied"
+        );
+        assert_eq!(
+            layer_digest(&layer, &pages, size / PAGE_SIZE).unwrap(),
+            stats.digest,
             "the pages read back have the digest of the pages written"
         );
         back.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
@@ -274,5 +397,92 @@ mod tests {
         back.read_slice(&mut big, GuestAddress(0x7ff000 - 904))
             .unwrap();
         assert!(big.iter().all(|&b| b == 7));
+    }
+
+    /// A layer file holding `value` in `pages`, and its bitmap.
+    fn layer(
+        dir: &std::path::Path,
+        name: &str,
+        runs: &[(std::ops::Range<usize>, u8)],
+    ) -> (File, Vec<u64>) {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.join(name))
+            .unwrap();
+        let mut bits = vec![0u64; 8];
+        for (range, value) in runs {
+            for page in range.clone() {
+                file.write_all_at(&[*value; PAGE_SIZE], (page * PAGE_SIZE) as u64)
+                    .unwrap();
+                bits[page / 64] |= 1 << (page % 64);
+            }
+        }
+        (file, bits)
+    }
+
+    #[test]
+    fn layers_are_mapped_or_copied_in_order_across_regions() {
+        // Two regions of 256 pages: file pages 0..256 and 256..512.
+        let mem = GuestMemory::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(2 << 20), 1 << 20),
+        ])
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // Older: 100 pages across the regions' border (mapped, in two).
+        let (old, old_bits) = layer(dir.path(), "old", &[(200..300, 1)]);
+        // Newer: 10 pages over them (copied) and 20 at the start (mapped).
+        let (new, new_bits) = layer(dir.path(), "new", &[(0..20, 3), (250..260, 2)]);
+        let stats = map_layers(&mem, &[(&old, &old_bits), (&new, &new_bits)]).unwrap();
+        assert_eq!(
+            stats,
+            LayerStats {
+                mapped: 120 * PAGE_SIZE as u64,
+                copied: 10 * PAGE_SIZE as u64,
+                runs_mapped: 3
+            }
+        );
+        let page_at = |page: usize| {
+            let addr = if page < 256 {
+                page * PAGE_SIZE
+            } else {
+                (2 << 20) + (page - 256) * PAGE_SIZE
+            };
+            let mut b = [0u8; PAGE_SIZE];
+            mem.read_slice(&mut b, GuestAddress(addr as u64)).unwrap();
+            assert!(b.iter().all(|&x| x == b[0]), "page {page} is uneven");
+            b[0]
+        };
+        for (page, want) in [
+            (0, 3),
+            (19, 3),
+            (20, 0),
+            (199, 0),
+            (200, 1),
+            (249, 1),
+            (250, 2),
+            (255, 2),
+            (256, 2),
+            (259, 2),
+            (260, 1),
+            (299, 1),
+            (300, 0),
+            (511, 0),
+        ] {
+            assert_eq!(page_at(page), want, "page {page}");
+        }
+        // Private: a guest write stays out of the layer file.
+        mem.write_slice(&[9u8; 16], GuestAddress(0x1000)).unwrap();
+        let mut on_disk = [0u8; 16];
+        new.read_exact_at(&mut on_disk, 0x1000).unwrap();
+        assert_eq!(on_disk, [3u8; 16]);
+        // The digest reads the layer's pages back from the file.
+        let mut digest = PageDigest::default();
+        for page in (0..20).chain(250..260) {
+            digest.add(page as u64, &[if page < 20 { 3 } else { 2 }; PAGE_SIZE]);
+        }
+        assert_eq!(layer_digest(&new, &new_bits, 512).unwrap(), digest.finish());
     }
 }
