@@ -392,7 +392,8 @@ async fn install_packages(
 ) -> std::result::Result<(), String> {
     let out = sbx
         .commands()
-        .exec(Command::shell(apt::GUEST_FACTS))
+        // From `/`: the template's working directory may not exist yet.
+        .exec(Command::shell(apt::GUEST_FACTS).cwd("/"))
         .await
         .map_err(|e| format!("cannot ask the guest for its apt sources: {e}"))?;
     let facts = apt::parse_facts(&out.stdout)?;
@@ -429,7 +430,11 @@ async fn install_packages(
         }
         let out = sbx
             .commands()
-            .exec(Command::shell(apt::install_command(&debs)).timeout(step_timeout))
+            .exec(
+                Command::shell(apt::install_command(&debs))
+                    .cwd("/")
+                    .timeout(step_timeout),
+            )
             .await
             .map_err(|e| format!("dpkg -i: {e}"))?;
         if out.exit_code != 0 {
