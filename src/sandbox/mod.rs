@@ -219,8 +219,6 @@ struct SandboxInner {
     rt: Arc<RuntimeInner>,
     /// The template it was created from.
     template: String,
-    /// The template's root filesystem image, under the disk overlay.
-    rootfs: PathBuf,
     /// Connections to the guest (to the agent while running; shared with
     /// port forwards, which outlive a pause).
     link: Arc<AgentLink>,
@@ -352,13 +350,12 @@ impl SandboxInner {
         state: LiveState,
     ) -> Self {
         let template = state.record.template.clone();
-        let live = Live::new(id.clone(), dir.clone(), rootfs.clone(), link.clone(), state);
+        let live = Live::new(id.clone(), dir.clone(), rootfs, link.clone(), state);
         SandboxInner {
             id,
             dir,
             rt,
             template,
-            rootfs,
             link,
             live,
             timings: None,
@@ -377,7 +374,6 @@ impl SandboxInner {
             dir: live.dir.clone(),
             rt,
             template,
-            rootfs: live.rootfs.clone(),
             link: live.link.clone(),
             live,
             timings: None,
@@ -969,22 +965,32 @@ impl Sandbox<Running> {
                 });
             }
             // Other handles share it: they are spent, as by a pause by id,
-            // and this one hands its lock to a new paused handle.
+            // and this one hands its lock to a new paused handle; unless
+            // one of them killed it just now.
+            let lock = match st.taken {
+                None => st.lock.take(),
+                Some(_) => None,
+            };
+            let Some(lock) = lock else {
+                let error = self
+                    .inner
+                    .live
+                    .taken_error(st.taken.unwrap_or(live::Taken::Paused));
+                drop(st);
+                return Err(PauseError {
+                    sandbox: self,
+                    error,
+                });
+            };
             st.taken = Some(live::Taken::Paused);
-            st.lock.take()
+            lock
         };
-        let reopened = lock.ok_or_else(|| Error::SandboxPaused {
-            id: self.inner.id.to_string(),
-        });
         let rt = self.inner.rt.clone();
         let (id, dir) = (self.inner.id.clone(), self.inner.dir.clone());
-        let reopened = match reopened {
-            Ok(lock) => tokio::task::spawn_blocking(move || Sandbox::with_lock(rt, id, dir, lock))
-                .await
-                .map_err(|e| join_error("reopen", e))
-                .and_then(|r| r),
-            Err(e) => Err(e),
-        };
+        let reopened = tokio::task::spawn_blocking(move || Sandbox::with_lock(rt, id, dir, lock))
+            .await
+            .map_err(|e| join_error("reopen", e))
+            .and_then(|r| r);
         reopened.map_err(|error| PauseError {
             sandbox: self,
             error,
@@ -1300,7 +1306,7 @@ impl Sandbox<Paused> {
     /// awaits before it hands the sandbox out.
     async fn restore(&mut self) -> Result<Option<tokio::task::JoinHandle<Result<()>>>> {
         let dir = self.inner.dir.clone();
-        let rootfs = self.inner.rootfs.clone();
+        let rootfs = self.inner.live.rootfs.clone();
         let kvm_path = self.inner.rt.kvm_path.clone();
         let id = self.inner.id.to_string();
         let restored = tokio::task::spawn_blocking(move || -> Result<_> {
