@@ -590,7 +590,7 @@ impl Runtime {
     /// # Ok(()) }
     /// ```
     pub async fn connect(&self, id: &str) -> Result<Sandbox<Running>> {
-        if let Some(sbx) = self.attach(id) {
+        if let Some(sbx) = self.attach(id).await {
             return Ok(sbx);
         }
         Ok(self.paused(id).await?.resume().await?)
@@ -603,7 +603,7 @@ impl Runtime {
         id: &str,
         timeout: Duration,
     ) -> Result<Sandbox<Running>> {
-        if let Some(sbx) = self.attach(id) {
+        if let Some(sbx) = self.attach(id).await {
             sbx.set_timeout(timeout)?;
             return Ok(sbx);
         }
@@ -612,8 +612,8 @@ impl Runtime {
 
     /// Another handle on the sandbox `id` if it runs under a handle of this
     /// runtime.
-    fn attach(&self, id: &str) -> Option<Sandbox<Running>> {
-        Sandbox::attach(self.inner.clone(), self.inner.running(id)?)
+    async fn attach(&self, id: &str) -> Option<Sandbox<Running>> {
+        Sandbox::attach(self.inner.clone(), self.inner.running(id)?).await
     }
 
     /// A handle on the paused sandbox `id`, without resuming it.

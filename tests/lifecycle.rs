@@ -116,7 +116,35 @@ async fn snapshots_and_forks_start_independent_copies() {
     // A named snapshot: listed, started twice, deleted while its sandboxes
     // run (they keep working, pause and resume).
     code(&parent, "x = 7").await;
-    let info = parent.snapshot("seven").await.expect("snapshot");
+    // `connect` while the snapshot is at work waits for it, then shares the
+    // sandbox (not `Busy`).
+    let parent_id = parent.id().to_string();
+    let snapshot_done = std::sync::atomic::AtomicBool::new(false);
+    let (info, other) = tokio::join!(
+        async {
+            let info = parent.snapshot("seven").await;
+            snapshot_done.store(true, std::sync::atomic::Ordering::SeqCst);
+            info
+        },
+        async {
+            let deadline = Instant::now() + LIMIT;
+            while !snapshot_done.load(std::sync::atomic::Ordering::SeqCst)
+                && Instant::now() < deadline
+            {
+                let state = rt.info(&parent_id).await.map(|i| i.state);
+                if matches!(state, Ok(SandboxState::Snapshotting)) {
+                    eprintln!("connecting during the snapshot");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            rt.connect(&parent_id).await
+        }
+    );
+    let info = info.expect("snapshot");
+    let other = other.expect("connect during a snapshot");
+    assert_eq!(code(&other, "print(x)").await, "7\n");
+    drop(other);
     assert_eq!(info.name, "seven");
     assert!(matches!(
         parent.snapshot("seven").await,

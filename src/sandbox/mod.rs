@@ -905,10 +905,18 @@ impl Sandbox<Running> {
     }
 
     /// Another handle on the sandbox running under `live`, if it still
-    /// runs: see [`Runtime::connect`](crate::Runtime::connect).
-    pub(crate) fn attach(rt: Arc<RuntimeInner>, live: Arc<Live>) -> Option<Self> {
+    /// runs: see [`Runtime::connect`](crate::Runtime::connect). A snapshot
+    /// at work on it is waited for; after a pause or kill there is none.
+    pub(crate) async fn attach(rt: Arc<RuntimeInner>, live: Arc<Live>) -> Option<Self> {
+        let inner = match SandboxInner::attach(rt.clone(), live.clone()) {
+            Some(inner) => inner,
+            None => {
+                live.wait_transition().await;
+                SandboxInner::attach(rt, live)?
+            }
+        };
         Some(Sandbox {
-            inner: SandboxInner::attach(rt, live)?,
+            inner,
             _state: PhantomData,
         })
     }
@@ -1323,11 +1331,8 @@ impl Sandbox<Paused> {
                     reason,
                 }
             })?;
-            let layers: Vec<(&File, &[u64])> = files
-                .layers
-                .iter()
-                .map(|(file, pages)| (file, pages.as_slice()))
-                .collect();
+            let layers: Vec<memory::Layer<'_>> =
+                files.layers.iter().map(|layer| layer.as_layer()).collect();
             memory::map_layers(&memory, &layers).map_err(|source| snapshot::SnapshotError::Io {
                 what: "map the memory layers of",
                 path: dir.clone(),
@@ -1367,8 +1372,8 @@ impl Sandbox<Paused> {
             .layers
             .into_iter()
             .zip(manifest.memory[1..].iter().cloned())
-            .filter_map(|((file, pages), layer)| {
-                unchecked(&file).map(|identity| (file, pages, layer, identity))
+            .filter_map(|(file, layer)| {
+                unchecked(&file.file).map(|identity| (file, layer, identity))
             })
             .collect();
         let check = (base.is_some() || !layers.is_empty()).then(|| {
@@ -1383,9 +1388,9 @@ impl Sandbox<Paused> {
                     }
                 }
                 let total_pages = (manifest.memory_len / memory::PAGE_SIZE as u64) as usize;
-                for (file, pages, layer, identity) in layers {
+                for (file, layer, identity) in layers {
                     let digest =
-                        memory::layer_digest(&file, &pages, total_pages).map_err(|source| {
+                        memory::layer_digest(file.as_layer(), total_pages).map_err(|source| {
                             snapshot::SnapshotError::Io {
                                 what: "read the memory layer",
                                 path: dir.join(&layer.file),

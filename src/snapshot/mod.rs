@@ -192,6 +192,13 @@ pub struct MemoryLayer {
     /// bitmap. Checked when they are read ([`check_base`] for the base,
     /// which is mapped lazily).
     pub data_crc32: u32,
+    /// For a layer: its pages lie one after another in page order (the
+    /// file holds `written` bytes), as [`memory::save_layer`] writes them;
+    /// else each page at its offset in memory (layers of snapshot format
+    /// 1 before packing; absent from the manifest when false, so their
+    /// checksums still match).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub packed: bool,
 }
 
 impl MemoryLayer {
@@ -217,8 +224,31 @@ impl MemoryLayer {
 pub struct MemoryFiles {
     /// The base: every page as it was at the base's pause.
     pub base: File,
-    /// Layers, oldest first: the file and its page bitmap.
-    pub layers: Vec<(File, Vec<u64>)>,
+    /// Layers, oldest first.
+    pub layers: Vec<LayerFile>,
+}
+
+/// A memory layer of a snapshot, opened and checked.
+#[derive(Debug)]
+pub struct LayerFile {
+    /// The file.
+    pub file: File,
+    /// Its page bitmap.
+    pub pages: Vec<u64>,
+    /// See [`MemoryLayer::packed`].
+    pub packed: bool,
+}
+
+impl LayerFile {
+    /// The layer as [`memory::map_layers`] and [`memory::layer_digest`]
+    /// take it.
+    pub fn as_layer(&self) -> memory::Layer<'_> {
+        memory::Layer {
+            file: &self.file,
+            pages: &self.pages,
+            packed: self.packed,
+        }
+    }
 }
 
 /// How a pause writes guest memory.
@@ -332,13 +362,9 @@ pub fn write(
             .open(&memory_path)
             .map_err(SnapshotError::io("create", &memory_path))?;
         let (stats, mut layers, pages_crc32) = match how {
-            MemoryWrite::Full => (
-                memory::save_pages(mem, &mem_file, None, true),
-                Vec::new(),
-                None,
-            ),
+            MemoryWrite::Full => (memory::save_pages(mem, &mem_file, None), Vec::new(), None),
             MemoryWrite::BaseOf(pages) => (
-                memory::save_pages(mem, &mem_file, Some(pages), true),
+                memory::save_pages(mem, &mem_file, Some(pages)),
                 Vec::new(),
                 None,
             ),
@@ -346,7 +372,7 @@ pub fn write(
                 let bytes = bitmap_bytes(dirty);
                 write_synced(&pages_path, &bytes)?;
                 (
-                    memory::save_pages(mem, &mem_file, Some(dirty), false),
+                    memory::save_layer(mem, &mem_file, dirty),
                     on.memory.clone(),
                     Some(crc32(&bytes)),
                 )
@@ -362,6 +388,7 @@ pub fn write(
             written: stats.written,
             pages_crc32,
             data_crc32: stats.digest,
+            packed: pages_crc32.is_some(),
         });
         let state_json = serde_json::to_vec(state).map_err(|e| SnapshotError::Io {
             what: "serialise the machine state for",
@@ -631,6 +658,7 @@ pub fn parse_manifest(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotErro
         ));
     }
     let layers_ok = manifest.memory[0].pages_crc32.is_none()
+        && !manifest.memory[0].packed
         && manifest.memory[1..].iter().all(|l| l.pages_crc32.is_some());
     if !layers_ok {
         return Err(SnapshotError::corrupt(
@@ -728,7 +756,6 @@ pub fn read(dir: &Path) -> Result<(Manifest, MachineState, MemoryFiles), Snapsho
     let bitmap_len = len.div_ceil(memory::PAGE_SIZE as u64 * 64) * 8;
     let mut layers = Vec::with_capacity(manifest.memory.len() - 1);
     for layer in &manifest.memory[1..] {
-        let file = open_memory(dir, &layer.file, len)?;
         let pages_path = dir.join(pages_name(&layer.file));
         let bytes = read_bounded(&pages_path, bitmap_len)?;
         if bytes.len() as u64 != bitmap_len {
@@ -743,11 +770,31 @@ pub fn read(dir: &Path) -> Result<(Manifest, MachineState, MemoryFiles), Snapsho
         if Some(crc32(&bytes)) != layer.pages_crc32 {
             return Err(SnapshotError::corrupt(&pages_path, "CRC-32 mismatch"));
         }
-        let bits = bytes
+        let pages: Vec<u64> = bytes
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunk")))
             .collect();
-        layers.push((file, bits));
+        let file_len = if layer.packed {
+            let count = memory::page_count(&pages, (len / memory::PAGE_SIZE as u64) as usize);
+            (count * memory::PAGE_SIZE) as u64
+        } else {
+            len
+        };
+        if layer.packed && layer.written != file_len {
+            return Err(SnapshotError::corrupt(
+                &dir.join(&layer.file),
+                format!(
+                    "its bitmap has {file_len} bytes of pages, the manifest says {} were written",
+                    layer.written
+                ),
+            ));
+        }
+        let file = open_memory(dir, &layer.file, file_len)?;
+        layers.push(LayerFile {
+            file,
+            pages,
+            packed: layer.packed,
+        });
     }
     Ok((manifest, state, MemoryFiles { base, layers }))
 }

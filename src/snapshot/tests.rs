@@ -24,12 +24,14 @@ fn sample() -> Manifest {
                 written: 4096,
                 pages_crc32: None,
                 data_crc32: 11,
+                packed: false,
             },
             MemoryLayer {
                 file: "memory-3".into(),
                 written: 8192,
                 pages_crc32: Some(9),
                 data_crc32: 12,
+                packed: true,
             },
         ],
         paused_at_ms: 1,
@@ -62,6 +64,24 @@ fn any_flipped_byte_is_an_error() {
     for len in 0..bytes.len() {
         assert!(parse(&bytes[..len]).is_err(), "truncated to {len}");
     }
+}
+
+#[test]
+fn manifests_from_before_packed_layers_still_verify() {
+    // Written before `packed` existed: sealed without the key.
+    let mut m = sample();
+    m.memory[1].packed = false;
+    let (sealed, bytes) = m.seal();
+    assert!(!String::from_utf8_lossy(&bytes).contains("packed"));
+    let parsed = parse(&bytes).unwrap();
+    assert_eq!(parsed, sealed);
+    assert!(!parsed.memory[1].packed);
+    // A packed layer says so, and a packed base is refused.
+    let (_, bytes) = sample().seal();
+    assert!(String::from_utf8_lossy(&bytes).contains("\"packed\": true"));
+    let mut m = sample();
+    m.memory[0].packed = true;
+    assert!(parse(&m.seal().1).is_err());
 }
 
 #[test]

@@ -72,19 +72,14 @@ fn is_zero(page: &[u8]) -> bool {
 /// nothing writes guest memory (vCPUs and device workers stopped), to a new,
 /// empty file (never one guest memory is mapped from). The caller syncs it.
 pub fn save_to_file(mem: &GuestMemory, file: &File) -> io::Result<SaveStats> {
-    save_pages(mem, file, None, true)
+    save_pages(mem, file, None)
 }
 
 /// Like [`save_to_file`], but writes only the pages whose bit is set in
 /// `pages` (one bit per page in file order, as `Vm::take_dirty_pages`
-/// gives), or every page if `None`. All-zero pages are skipped (left as
-/// holes) if `skip_zero`; a layer over older data must keep them.
-pub fn save_pages(
-    mem: &GuestMemory,
-    file: &File,
-    pages: Option<&[u64]>,
-    skip_zero: bool,
-) -> io::Result<SaveStats> {
+/// gives), or every page if `None`: a new base. (Layers are packed, see
+/// [`save_layer`].)
+pub fn save_pages(mem: &GuestMemory, file: &File, pages: Option<&[u64]>) -> io::Result<SaveStats> {
     let mut stats = SaveStats::default();
     let mut digest = PageDigest::default();
     let wanted = |page: usize| {
@@ -105,7 +100,7 @@ pub fn save_pages(
         let mut run: Option<usize> = None; // start of a run of pages to write
         for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
             let at = i * PAGE_SIZE;
-            let write = wanted(first_page + i) && !(skip_zero && is_zero(page));
+            let write = wanted(first_page + i) && !is_zero(page);
             if write {
                 digest.add((first_page + i) as u64, page);
             }
@@ -128,6 +123,111 @@ pub fn save_pages(
     file.set_len(stats.total)?;
     stats.digest = digest.finish();
     Ok(stats)
+}
+
+/// Writes the pages whose bit is set in `pages` (one bit per page in file
+/// order, as `Vm::take_dirty_pages` gives) to the new, empty file `file` as
+/// a packed layer: one after another in page order, so the file holds
+/// exactly those pages and a pause writes them in a few large requests
+/// however scattered they are in guest memory. Uses direct I/O where the
+/// file system has it (guest memory is page-aligned: no copy into the page
+/// cache), computing the digest meanwhile. Zero pages are written too (a
+/// layer covers older data). Call only while nothing writes guest memory;
+/// the caller syncs the file. `total` in the result is the memory size.
+pub fn save_layer(mem: &GuestMemory, file: &File, pages: &[u64]) -> io::Result<SaveStats> {
+    let total_pages = mem.iter().map(|r| r.len() as usize / PAGE_SIZE).sum();
+    let mut segments: Vec<(usize, &[u8])> = Vec::new();
+    for run in runs(pages, total_pages) {
+        let mut page = run.start;
+        while page < run.end {
+            let (region, first_page) = region_of(mem, page)?;
+            let stop = run.end.min(first_page + region.len() as usize / PAGE_SIZE);
+            // SAFETY: pages `page..stop` lie within the region, a live
+            // mapping owned by `mem`, which outlives this borrow; the caller
+            // guarantees nothing writes guest memory meanwhile.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    region
+                        .as_ptr()
+                        .add((page - first_page) * PAGE_SIZE)
+                        .cast_const(),
+                    (stop - page) * PAGE_SIZE,
+                )
+            };
+            segments.push((page, bytes));
+            page = stop;
+        }
+    }
+    let direct = crate::fsutil::set_direct_io(file, true).is_ok();
+    if !direct {
+        log::debug!("no direct I/O for memory layers here: writing through the page cache");
+    }
+    let bufs: Vec<&[u8]> = segments.iter().map(|&(_, bytes)| bytes).collect();
+    let (digest, written) = std::thread::scope(|scope| {
+        let digest = scope.spawn(|| {
+            let mut digest = PageDigest::default();
+            for &(first, bytes) in &segments {
+                for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+                    digest.add((first + i) as u64, page);
+                }
+            }
+            digest.finish()
+        });
+        let written = crate::fsutil::write_all_vectored_at(file, &bufs, 0);
+        let digest = digest
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (digest, written)
+    });
+    written?;
+    if direct {
+        // The caller gets the file as it gave it (reads need no alignment).
+        crate::fsutil::set_direct_io(file, false)?;
+    }
+    Ok(SaveStats {
+        total: (total_pages * PAGE_SIZE) as u64,
+        written: bufs.iter().map(|b| b.len() as u64).sum(),
+        digest,
+    })
+}
+
+/// One memory layer over the base, as a resume reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct Layer<'a> {
+    /// The layer's file.
+    pub file: &'a File,
+    /// Its page bitmap (one bit per page, in file order).
+    pub pages: &'a [u64],
+    /// Whether its pages lie one after another ([`save_layer`]) rather
+    /// than each at its own offset ([`save_pages`], layers of earlier
+    /// versions).
+    pub packed: bool,
+}
+
+impl Layer<'_> {
+    /// The layer's runs of pages with the file offset of each run's first
+    /// page, in page order.
+    fn runs(&self, total_pages: usize) -> Vec<(std::ops::Range<usize>, u64)> {
+        let mut at = 0u64;
+        runs(self.pages, total_pages)
+            .into_iter()
+            .map(|run| {
+                let offset = if self.packed {
+                    at
+                } else {
+                    (run.start * PAGE_SIZE) as u64
+                };
+                at += (run.len() * PAGE_SIZE) as u64;
+                (run, offset)
+            })
+            .collect()
+    }
+}
+
+/// How many of the first `total_pages` pages have their bit set in
+/// `pages`: a packed layer's file holds that many.
+pub fn page_count(pages: &[u64], total_pages: usize) -> usize {
+    runs(pages, total_pages).iter().map(|r| r.len()).sum()
 }
 
 /// At most this many runs of a resume's memory layers are mapped (each
@@ -177,28 +277,27 @@ fn runs(pages: &[u64], count: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-/// Puts the pages of memory layers (files written by [`save_pages`], each
-/// with its page bitmap), oldest first, over guest memory `mem`: long runs
+/// Puts the pages of memory layers (see [`Layer`]), oldest first, over
+/// guest memory `mem`: long runs
 /// of pages are mapped privately from the layer file (`MAP_FIXED`: they
 /// load lazily, like the base), at most [`MAX_MAPPED_RUNS`] of them, the
 /// longest; the rest is copied. Nothing is read to check the data: see
 /// [`layer_digest`]. Call before the vCPUs and devices start.
-pub fn map_layers(mem: &GuestMemory, layers: &[(&File, &[u64])]) -> io::Result<LayerStats> {
+pub fn map_layers(mem: &GuestMemory, layers: &[Layer<'_>]) -> io::Result<LayerStats> {
     let total_pages = mem.iter().map(|r| r.len() as usize / PAGE_SIZE).sum();
-    let all: Vec<Vec<std::ops::Range<usize>>> = layers
-        .iter()
-        .map(|(_, pages)| runs(pages, total_pages))
-        .collect();
+    let all: Vec<Vec<(std::ops::Range<usize>, u64)>> =
+        layers.iter().map(|layer| layer.runs(total_pages)).collect();
     // The shortest run that is mapped: the longest runs fill the budget.
-    let mut lengths: Vec<usize> = all.iter().flatten().map(|r| r.len()).collect();
+    let mut lengths: Vec<usize> = all.iter().flatten().map(|(r, _)| r.len()).collect();
     lengths.sort_unstable_by(|a, b| b.cmp(a));
     let min_mapped = lengths
         .get(MAX_MAPPED_RUNS)
         .map_or(MIN_MAPPED_RUN, |&l| (l + 1).max(MIN_MAPPED_RUN));
 
     let mut stats = LayerStats::default();
-    for ((file, _), runs) in layers.iter().zip(&all) {
-        for run in runs {
+    for (layer, runs) in layers.iter().zip(&all) {
+        let file = layer.file;
+        for (run, run_offset) in runs {
             let (mut page, end) = (run.start, run.end);
             // A run may cross from one region into the next.
             while page < end {
@@ -207,7 +306,7 @@ pub fn map_layers(mem: &GuestMemory, layers: &[(&File, &[u64])]) -> io::Result<L
                 let stop = end.min(first_page + region_pages);
                 let offset = (page - first_page) * PAGE_SIZE;
                 let len = (stop - page) * PAGE_SIZE;
-                let file_offset = (page * PAGE_SIZE) as u64;
+                let file_offset = run_offset + ((page - run.start) * PAGE_SIZE) as u64;
                 // SAFETY: `offset + len` lies within the region, a live
                 // mapping owned by `mem`; nothing accesses guest memory
                 // before the vCPUs and devices start (the caller's promise).
@@ -222,7 +321,7 @@ pub fn map_layers(mem: &GuestMemory, layers: &[(&File, &[u64])]) -> io::Result<L
                             len,
                             libc::PROT_READ | libc::PROT_WRITE,
                             libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                            std::os::fd::AsRawFd::as_raw_fd(*file),
+                            std::os::fd::AsRawFd::as_raw_fd(file),
                             file_offset as libc::off_t,
                         )
                     };
@@ -265,18 +364,19 @@ fn region_of(
     ))
 }
 
-/// The [`PageDigest`] of the pages whose bit is set in `pages`, read from
-/// `file` (a layer written by [`save_pages`]), to compare with the one the
-/// pause recorded. `total_pages` bounds the bitmap.
-pub fn layer_digest(file: &File, pages: &[u64], total_pages: usize) -> io::Result<u32> {
+/// The [`PageDigest`] of a layer's pages read back from its file, to
+/// compare with the one the pause recorded. `total_pages` bounds the
+/// bitmap.
+pub fn layer_digest(layer: Layer<'_>, total_pages: usize) -> io::Result<u32> {
     let mut digest = PageDigest::default();
     let mut buf = vec![0u8; 1 << 20];
-    for run in runs(pages, total_pages) {
+    for (run, offset) in layer.runs(total_pages) {
         let mut page = run.start;
         while page < run.end {
             let n = (run.end - page).min(buf.len() / PAGE_SIZE);
             let bytes = &mut buf[..n * PAGE_SIZE];
-            file.read_exact_at(bytes, (page * PAGE_SIZE) as u64)?;
+            let at = offset + ((page - run.start) * PAGE_SIZE) as u64;
+            layer.file.read_exact_at(bytes, at)?;
             for (i, data) in bytes.chunks(PAGE_SIZE).enumerate() {
                 digest.add((page + i) as u64, data);
             }
@@ -372,10 +472,15 @@ mod tests {
             .create_new(true)
             .open(&layer_path)
             .unwrap();
-        let stats = save_pages(&mem, &layer, Some(&pages), false).unwrap();
+        let stats = save_layer(&mem, &layer, &pages).unwrap();
         assert_eq!(stats.written, 2 * PAGE_SIZE as u64);
         let back = map_file(&file, size as u64).unwrap();
-        let layers = [(&layer, pages.as_slice())];
+        let layer = Layer {
+            file: &layer,
+            pages: &pages,
+            packed: true,
+        };
+        let layers = [layer];
         assert_eq!(
             map_layers(&back, &layers).unwrap(),
             LayerStats {
@@ -386,7 +491,7 @@ mod tests {
             "short runs are copied"
         );
         assert_eq!(
-            layer_digest(&layer, &pages, size / PAGE_SIZE).unwrap(),
+            layer_digest(layer, size / PAGE_SIZE).unwrap(),
             stats.digest,
             "the pages read back have the digest of the pages written"
         );
@@ -435,7 +540,16 @@ mod tests {
         let (old, old_bits) = layer(dir.path(), "old", &[(200..300, 1)]);
         // Newer: 10 pages over them (copied) and 20 at the start (mapped).
         let (new, new_bits) = layer(dir.path(), "new", &[(0..20, 3), (250..260, 2)]);
-        let stats = map_layers(&mem, &[(&old, &old_bits), (&new, &new_bits)]).unwrap();
+        let sparse = |file, pages| Layer {
+            file,
+            pages,
+            packed: false,
+        };
+        let stats = map_layers(
+            &mem,
+            &[sparse(&old, &old_bits[..]), sparse(&new, &new_bits[..])],
+        )
+        .unwrap();
         assert_eq!(
             stats,
             LayerStats {
@@ -483,6 +597,116 @@ mod tests {
         for page in (0..20).chain(250..260) {
             digest.add(page as u64, &[if page < 20 { 3 } else { 2 }; PAGE_SIZE]);
         }
-        assert_eq!(layer_digest(&new, &new_bits, 512).unwrap(), digest.finish());
+        assert_eq!(
+            layer_digest(sparse(&new, &new_bits), 512).unwrap(),
+            digest.finish()
+        );
+    }
+
+    #[test]
+    fn packed_layers_hold_only_their_pages_and_map_back() {
+        // Two regions of 256 pages, as above.
+        let ranges = [(GuestAddress(0), 1 << 20), (GuestAddress(2 << 20), 1 << 20)];
+        let mem = GuestMemory::from_ranges(&ranges).unwrap();
+        let addr = |page: usize| {
+            GuestAddress(if page < 256 {
+                (page * PAGE_SIZE) as u64
+            } else {
+                (2 << 20) + ((page - 256) * PAGE_SIZE) as u64
+            })
+        };
+        // Scattered pages, a run across the regions' border, a zero page.
+        let dirty: Vec<usize> = (3..5)
+            .chain(100..101)
+            .chain(250..262)
+            .chain(511..512)
+            .collect();
+        let mut bits = vec![0u64; 8];
+        for &page in &dirty {
+            bits[page / 64] |= 1 << (page % 64);
+            if page != 100 {
+                mem.write_slice(&[page as u8 | 1; PAGE_SIZE], addr(page))
+                    .unwrap();
+            }
+        }
+        mem.write_slice(&[0xee; PAGE_SIZE], addr(7)).unwrap(); // not dirty
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layer");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let stats = save_layer(&mem, &file, &bits).unwrap();
+        let len = (dirty.len() * PAGE_SIZE) as u64;
+        assert_eq!(stats.total, 512 * PAGE_SIZE as u64);
+        assert_eq!(stats.written, len);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(page_count(&bits, 512), dirty.len());
+        let mut digest = PageDigest::default();
+        for &page in &dirty {
+            let value = if page == 100 { 0 } else { page as u8 | 1 };
+            digest.add(page as u64, &[value; PAGE_SIZE]);
+        }
+        assert_eq!(stats.digest, digest.finish());
+        let layer = Layer {
+            file: &file,
+            pages: &bits,
+            packed: true,
+        };
+        assert_eq!(layer_digest(layer, 512).unwrap(), stats.digest);
+        // Over memory full of 0xff: the layer's pages come back, the rest
+        // is untouched.
+        let back = GuestMemory::from_ranges(&ranges).unwrap();
+        for page in 0..512 {
+            back.write_slice(&[0xff; PAGE_SIZE], addr(page)).unwrap();
+        }
+        let stats = map_layers(&back, &[layer]).unwrap();
+        assert_eq!(stats.mapped + stats.copied, len);
+        assert_eq!(
+            stats.runs_mapped, 0,
+            "no run reaches {MIN_MAPPED_RUN} pages"
+        );
+        for page in 0..512 {
+            let mut b = [0u8; PAGE_SIZE];
+            back.read_slice(&mut b, addr(page)).unwrap();
+            let want = match page {
+                100 => 0,
+                p if dirty.contains(&p) => p as u8 | 1,
+                _ => 0xff,
+            };
+            assert!(b.iter().all(|&x| x == want), "page {page}");
+        }
+        // A long packed run is mapped from its packed offset.
+        let long: Vec<u64> = {
+            let mut bits = vec![0u64; 8];
+            bits[0] = 1; // page 0 first, so the run starts at file page 1
+            for page in 300..340 {
+                mem.write_slice(&[0x42; PAGE_SIZE], addr(page)).unwrap();
+                bits[page / 64] |= 1 << (page % 64);
+            }
+            bits
+        };
+        let path = dir.path().join("long");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        save_layer(&mem, &file, &long).unwrap();
+        let layer = Layer {
+            file: &file,
+            pages: &long,
+            packed: true,
+        };
+        let stats = map_layers(&back, &[layer]).unwrap();
+        assert_eq!(stats.runs_mapped, 1);
+        for page in [300, 339] {
+            let mut b = [0u8; PAGE_SIZE];
+            back.read_slice(&mut b, addr(page)).unwrap();
+            assert!(b.iter().all(|&x| x == 0x42), "page {page}");
+        }
     }
 }
