@@ -107,18 +107,12 @@ async fn http_get_hello(addr: std::net::SocketAddr, when: &str) {
     }
 }
 
-fn memory_file(dir: &Path) -> std::path::PathBuf {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("memory-") && !n.ends_with(".pages"))
-        })
-        .max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap())
-        .expect("a memory file")
+/// The newest memory file of the snapshot in `dir` and what the manifest
+/// says of it.
+fn memory_file(dir: &Path) -> (std::path::PathBuf, dormouse::snapshot::MemoryLayer) {
+    let manifest = dormouse::snapshot::read_manifest(dir).expect("a manifest");
+    let newest = manifest.memory.last().expect("a memory file").clone();
+    (dir.join(&newest.file), newest)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,21 +155,27 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
 
     // Pause and resume in this process, 20 times in a row (past the
     // number of memory layers a snapshot keeps before writing a new base).
+    let guest_bytes = u64::from(sbx.info().memory_mib) << 20;
     let mut sbx = sbx;
     for round in 0..20 {
         let t = Instant::now();
         let paused = sbx.pause().await.expect("pause");
         let pause_time = t.elapsed();
-        let mem = memory_file(&dir);
+        let (mem, layer) = memory_file(&dir);
         let meta = std::fs::metadata(&mem).unwrap();
         eprintln!(
-            "round {round}: paused in {pause_time:.2?}; newest memory file {} MiB long, {} KiB on disk",
-            meta.len() >> 20,
+            "round {round}: paused in {pause_time:.2?}; newest memory file {} KiB long, {} KiB on disk",
+            meta.len() >> 10,
             (meta.blocks() * 512) >> 10
         );
+        // A layer holds the pages written since the last resume, one after
+        // another: never all of memory.
+        assert!(layer.packed, "{layer:?}");
+        assert_eq!(meta.len(), layer.written, "{layer:?}");
         assert!(
-            meta.blocks() * 512 < meta.len(),
-            "never-touched memory must stay a hole"
+            layer.written < guest_bytes / 4,
+            "a pause wrote {} of {guest_bytes} bytes of memory",
+            layer.written
         );
         let t = Instant::now();
         sbx = paused.resume().await.expect("resume");
@@ -258,17 +258,17 @@ async fn pause_resume_keeps_processes_memory_and_disk() {
     let err = rt.connect(&id).await.unwrap_err();
     assert!(matches!(err, Error::Incompatible { .. }), "{err}");
     std::fs::write(dir.join("snapshot.json"), &manifest).unwrap();
-    let mem = memory_file(&dir);
-    let mem_len = std::fs::metadata(&mem).unwrap().len();
+    let (mem, _) = memory_file(&dir);
+    let original = std::fs::read(&mem).unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
-    file.set_len(mem_len - 4096).unwrap();
+    file.set_len(original.len() as u64 - 4096).unwrap();
+    drop(file);
     let err = rt.connect(&id).await.unwrap_err();
     assert!(
         matches!(err, Error::Snapshot(SnapshotError::Corrupt { ref path, .. }) if path == &mem),
         "{err}"
     );
-    file.set_len(mem_len).unwrap(); // the hole reads as zeros, as before
-    drop(file);
+    std::fs::write(&mem, &original).unwrap();
     // A flipped byte inside any memory file (the base, mapped lazily, or a
     // layer) is found before the sandbox is handed out.
     for layer in &dormouse::snapshot::read_manifest(&dir).unwrap().memory {

@@ -12,10 +12,14 @@
 //!   guest touched (all-zero pages left as holes); it is mapped privately
 //!   on resume so pages load lazily. Each later pause adds a layer with only
 //!   the pages written since the resume before it (KVM's dirty log and the
-//!   VMM's own writes): `memory-<generation>` at the pages' offsets plus
-//!   `memory-<generation>.pages`, a bitmap of them (CRC-32 in the manifest).
-//!   Resume copies the layers' pages over the base, oldest first. When the
-//!   chain reaches [`MAX_LAYERS`] the next pause writes a new base instead.
+//!   VMM's own writes): `memory-<generation>.pages`, a bitmap of them
+//!   (CRC-32 in the manifest), and `memory-<generation>`, the pages packed
+//!   one after another in page order (written with direct I/O where the
+//!   file system allows it; layers of earlier versions, not `packed`, hold
+//!   each page at its own offset). Resume maps the layers' long runs over
+//!   the base, oldest first, and copies the short ones. When the chain
+//!   reaches [`MAX_LAYERS`] the next pause writes one layer in place of all
+//!   of them (their pages and the dirty ones, from guest memory).
 //!
 //! - the disk: the overlay (`disk`, `disk.meta`) holds the disk of the
 //!   snapshot before; the guest's writes since then are sealed into a layer
@@ -51,8 +55,8 @@ pub const VERSION: u32 = 2;
 const MAX_STATE_LEN: u64 = 64 << 20;
 /// The largest manifest accepted.
 const MAX_MANIFEST_LEN: u64 = 64 << 10;
-/// Memory files (base and layers) a snapshot may have before a pause
-/// writes a new base.
+/// Memory files (base and layers) a snapshot may have; a pause that
+/// would pass it merges the layers into one.
 pub const MAX_LAYERS: usize = 8;
 
 /// Errors reading or writing snapshot files.
@@ -336,13 +340,24 @@ pub fn write(
     how: MemoryWrite<'_>,
     before_commit: impl FnOnce(u64) -> Result<Option<SealedLayer>, SnapshotError>,
 ) -> Result<(Manifest, SaveStats), SnapshotError> {
-    // A full chain is merged into a new base of the pages the chain holds
-    // plus the dirty ones: no scan of never-touched memory.
+    // A full chain's layers are merged into one: the new layer holds the
+    // pages of every layer plus the dirty ones (read from guest memory,
+    // which holds their latest data), over the same base. What a merging
+    // pause writes is what the guest wrote since the base, never all its
+    // memory, and a template's base stays shared.
     let merged;
+    let on_base;
     let how = match how {
         MemoryWrite::Layer { dirty, on } if on.memory.len() >= MAX_LAYERS => {
-            merged = touched_pages(dir, on, dirty)?;
-            MemoryWrite::BaseOf(&merged)
+            merged = layer_pages(dir, on, dirty)?;
+            on_base = Manifest {
+                memory: on.memory[..1].to_vec(),
+                ..on.clone()
+            };
+            MemoryWrite::Layer {
+                dirty: &merged,
+                on: &on_base,
+            }
         }
         other => other,
     };
@@ -508,30 +523,15 @@ pub fn check_base(dir: &Path, manifest: &Manifest, file: &File) -> Result<(), Sn
     manifest.memory[0].check_digest(dir, digest.finish())
 }
 
-/// The pages a snapshot's memory files hold (the base's data extents and
-/// the layers' pages) plus `dirty`.
-fn touched_pages(dir: &Path, on: &Manifest, dirty: &[u64]) -> Result<Vec<u64>, SnapshotError> {
+/// The pages of `on`'s layers (every memory file but the base) plus
+/// `dirty`: what a layer replacing them must hold. Each page bitmap is
+/// checked against its CRC-32.
+fn layer_pages(dir: &Path, on: &Manifest, dirty: &[u64]) -> Result<Vec<u64>, SnapshotError> {
     let mut pages = dirty.to_vec();
-    let mut mark = |first: u64, end: u64| {
-        for page in first..end {
-            let (word, bit) = ((page / 64) as usize, page % 64);
-            if let Some(w) = pages.get_mut(word) {
-                *w |= 1 << bit;
-            }
-        }
-    };
     let page = memory::PAGE_SIZE as u64;
-    let base_path = dir.join(&on.memory[0].file);
-    let base = File::open(&base_path).map_err(SnapshotError::io("open", &base_path))?;
-    let len = on.memory_len;
-    let extents = crate::fsutil::data_extents(&base, len)
-        .map_err(SnapshotError::io("find the data of", &base_path))?;
-    for (data, hole) in extents {
-        mark(data / page, hole.div_ceil(page));
-    }
     for layer in &on.memory[1..] {
         let path = dir.join(pages_name(&layer.file));
-        let bytes = read_bounded(&path, len.div_ceil(page * 64) * 8)?;
+        let bytes = read_bounded(&path, on.memory_len.div_ceil(page * 64) * 8)?;
         if Some(crc32(&bytes)) != layer.pages_crc32 {
             return Err(SnapshotError::corrupt(&path, "CRC-32 mismatch"));
         }
