@@ -210,6 +210,16 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A new file at `path` (never an existing one), open for reading and
+/// writing.
+pub(crate) fn create_new_rw(path: &Path) -> io::Result<File> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,12 +260,7 @@ mod tests {
         let tail = [9u8; 100];
         for direct in [true, false] {
             let path = dir.path().join(format!("f{direct}"));
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .unwrap();
+            let file = super::create_new_rw(&path).unwrap();
             if direct {
                 // May be refused (tmpfs): the writes must land either way.
                 let _ = set_direct_io(&file, true);

@@ -41,6 +41,8 @@ pub(crate) enum Taken {
 pub(crate) struct Live {
     pub(super) id: SandboxId,
     pub(super) dir: PathBuf,
+    /// The template it was created from.
+    pub(super) template: String,
     /// The template's root filesystem image, under the disk overlay.
     pub(super) rootfs: PathBuf,
     pub(super) link: Arc<AgentLink>,
@@ -116,6 +118,7 @@ impl Live {
         Arc::new(Live {
             id,
             dir,
+            template: state.record.template.clone(),
             rootfs,
             link,
             state: Mutex::new(state),

@@ -214,16 +214,11 @@ pub struct Sandbox<S> {
 }
 
 struct SandboxInner {
-    id: SandboxId,
-    dir: PathBuf,
     rt: Arc<RuntimeInner>,
-    /// The template it was created from.
-    template: String,
-    /// Connections to the guest (to the agent while running; shared with
-    /// port forwards, which outlive a pause).
-    link: Arc<AgentLink>,
-    /// The state that changes, shared with the lifecycle timer, the
-    /// runtime's registry and the other handles on a running sandbox.
+    /// The sandbox: what never changes (id, directory, template, the
+    /// connections to the guest, shared with port forwards, which outlive
+    /// a pause) and the state that does, shared with the lifecycle timer,
+    /// the runtime's registry and the other handles on a running sandbox.
     live: Arc<Live>,
     /// How the last start (create or resume) went.
     timings: Option<StartTimings>,
@@ -321,7 +316,7 @@ impl Drop for SandboxInner {
         if let Some(timer) = st.timer.take() {
             timer.abort();
         }
-        self.link.close();
+        self.live.link.close();
         if let Some(mut machine) = st.machine.take() {
             machine.stop();
         }
@@ -329,9 +324,9 @@ impl Drop for SandboxInner {
         if st.delete_on_drop {
             st.delete_on_drop = false;
             st.taken = Some(live::Taken::Killed);
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if let Err(e) = std::fs::remove_dir_all(&self.live.dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    log::warn!("cannot remove {}: {e}", self.dir.display());
+                    log::warn!("cannot remove {}: {e}", self.live.dir.display());
                 }
             }
         }
@@ -349,14 +344,9 @@ impl SandboxInner {
         link: Arc<AgentLink>,
         state: LiveState,
     ) -> Self {
-        let template = state.record.template.clone();
-        let live = Live::new(id.clone(), dir.clone(), rootfs, link.clone(), state);
+        let live = Live::new(id, dir, rootfs, link, state);
         SandboxInner {
-            id,
-            dir,
             rt,
-            template,
-            link,
             live,
             timings: None,
         }
@@ -368,13 +358,8 @@ impl SandboxInner {
         if !live.attach() {
             return None;
         }
-        let template = live.st().record.template.clone();
         Some(SandboxInner {
-            id: live.id.clone(),
-            dir: live.dir.clone(),
             rt,
-            template,
-            link: live.link.clone(),
             live,
             timings: None,
         })
@@ -391,7 +376,7 @@ impl SandboxInner {
             let start = tokio::time::Instant::now();
             st.run_limit = self.rt.max_running.map(|max| start + max);
             st.set_deadline(timeout);
-            if let Err(e) = st.save_info(&self.dir) {
+            if let Err(e) = st.save_info(&self.live.dir) {
                 log::warn!("{e}");
             }
         }
@@ -399,7 +384,7 @@ impl SandboxInner {
         if let Some(old) = self.live.st().timer.replace(timer) {
             old.abort();
         }
-        self.rt.register(&self.id, &self.live);
+        self.rt.register(&self.live.id, &self.live);
     }
 
     /// The sandbox stopped running under this handle: its timer ends.
@@ -552,8 +537,8 @@ pub(crate) fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
 impl<S> std::fmt::Debug for Sandbox<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sandbox")
-            .field("id", &self.inner.id)
-            .field("template", &self.inner.template)
+            .field("id", &self.inner.live.id)
+            .field("template", &self.inner.live.template)
             .finish()
     }
 }
@@ -561,17 +546,17 @@ impl<S> std::fmt::Debug for Sandbox<S> {
 impl<S> Sandbox<S> {
     /// The sandbox's id.
     pub fn id(&self) -> &SandboxId {
-        &self.inner.id
+        &self.inner.live.id
     }
 
     /// The template it was created from.
     pub fn template(&self) -> &str {
-        &self.inner.template
+        &self.inner.live.template
     }
 
     /// The directory holding the sandbox's files (console log, disk overlay).
     pub fn dir(&self) -> &std::path::Path {
-        &self.inner.dir
+        &self.inner.live.dir
     }
 
     /// What is known about the sandbox: state, metadata, times, sizes,
@@ -716,7 +701,7 @@ impl Sandbox<Running> {
                     if let Some(template) = template {
                         st.info.template = template;
                     }
-                    st.save_info(&paused.inner.dir)?;
+                    st.save_info(&paused.inner.live.dir)?;
                 }
                 Ok(paused)
             })
@@ -779,7 +764,7 @@ impl Sandbox<Running> {
             st.delete_on_drop = false;
             (st.machine.take(), st.disk.take())
         };
-        self.inner.link.set(None);
+        self.inner.live.link.set(None);
         let stopped = tokio::task::spawn_blocking(move || drop(stopping)).await;
         if let Err(e) = stopped {
             log::error!("stopping the guest panicked: {e}");
@@ -831,10 +816,10 @@ impl Sandbox<Running> {
 
     /// A new connection to the guest agent.
     pub(crate) async fn connect_agent(&self) -> Result<tokio::net::UnixStream> {
-        let Some(connector) = self.inner.link.connector() else {
+        let Some(connector) = self.inner.live.link.connector() else {
             // Only a sandbox taken from this handle has no connector.
             return Err(self.stopped().unwrap_or_else(|| Error::SandboxPaused {
-                id: self.inner.id.to_string(),
+                id: self.inner.live.id.to_string(),
             }));
         };
         match connect_vsock(connector).await {
@@ -880,7 +865,7 @@ impl Sandbox<Running> {
 
     /// The link port forwards use.
     pub(crate) fn link(&self) -> Arc<AgentLink> {
-        self.inner.link.clone()
+        self.inner.live.link.clone()
     }
 
     /// Runs `fut` (a request to the agent) unless the guest stops first.
@@ -994,7 +979,7 @@ impl Sandbox<Running> {
             lock
         };
         let rt = self.inner.rt.clone();
-        let (id, dir) = (self.inner.id.clone(), self.inner.dir.clone());
+        let (id, dir) = (self.inner.live.id.clone(), self.inner.live.dir.clone());
         let reopened = tokio::task::spawn_blocking(move || Sandbox::with_lock(rt, id, dir, lock))
             .await
             .map_err(|e| join_error("reopen", e))
@@ -1104,7 +1089,7 @@ impl Sandbox<Running> {
             let mut st = live.st();
             st.machine = Some(machine);
             st.info.state = SandboxState::Running;
-            if let Err(e) = st.save_info(&self.inner.dir) {
+            if let Err(e) = st.save_info(&self.inner.live.dir) {
                 log::warn!("{e}");
             }
             match written {
@@ -1124,7 +1109,7 @@ impl Sandbox<Running> {
         drop(transition);
         resumed?;
         let info = crate::SnapshotInfo::new(name, &info);
-        let dir = self.inner.dir.clone();
+        let dir = self.inner.live.dir.clone();
         tokio::task::spawn_blocking(move || {
             crate::runtime::publish_snapshot(&dir, &target, record, &info)
         })
@@ -1313,10 +1298,10 @@ impl Sandbox<Paused> {
     /// before), which runs while the guest starts and which the caller
     /// awaits before it hands the sandbox out.
     async fn restore(&mut self) -> Result<Option<tokio::task::JoinHandle<Result<()>>>> {
-        let dir = self.inner.dir.clone();
+        let dir = self.inner.live.dir.clone();
         let rootfs = self.inner.live.rootfs.clone();
         let kvm_path = self.inner.rt.kvm_path.clone();
-        let id = self.inner.id.to_string();
+        let id = self.inner.live.id.to_string();
         let restored = tokio::task::spawn_blocking(move || -> Result<_> {
             let (manifest, state, files) = snapshot::read(&dir)?;
             if manifest.sandbox.id != id {
@@ -1378,7 +1363,7 @@ impl Sandbox<Paused> {
             .collect();
         let check = (base.is_some() || !layers.is_empty()).then(|| {
             let rt = self.inner.rt.clone();
-            let dir = self.inner.dir.clone();
+            let dir = self.inner.live.dir.clone();
             let manifest = manifest.clone();
             tokio::task::spawn_blocking(move || -> Result<()> {
                 if let Some((base, identity)) = base {
@@ -1410,7 +1395,7 @@ impl Sandbox<Paused> {
         st.dirty_log_complete = true;
         st.machine = Some(machine);
         st.disk = Some(disk);
-        self.inner.link.set(Some(connector));
+        self.inner.live.link.set(Some(connector));
         Ok(check)
     }
 }

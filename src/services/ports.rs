@@ -56,12 +56,7 @@ impl<'a> Ports<'a> {
     /// # Ok(()) }
     /// ```
     pub async fn connect(&self, guest_port: u16) -> Result<tokio::io::DuplexStream> {
-        if guest_port == 0 {
-            return Err(Error::InvalidConfig(
-                "guest port 0 cannot be connected to; give the port the guest server listens on"
-                    .into(),
-            ));
-        }
+        check_port(guest_port, "connected to")?;
         let stream = self.sandbox.connect_agent().await?;
         let (mut guest, early) = self
             .sandbox
@@ -88,12 +83,7 @@ impl<'a> Ports<'a> {
 
     /// Like [`Self::expose`] on a host address of your choice.
     pub async fn expose_on(&self, guest_port: u16, addr: SocketAddr) -> Result<PortForward> {
-        if guest_port == 0 {
-            return Err(Error::InvalidConfig(
-                "guest port 0 cannot be forwarded; give the port the guest server listens on"
-                    .into(),
-            ));
-        }
+        check_port(guest_port, "forwarded")?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(Error::io(format!("cannot listen on {addr}")))?;
@@ -108,6 +98,16 @@ impl<'a> Ports<'a> {
             task,
         })
     }
+}
+
+/// `InvalidConfig` for guest port 0, which no guest server listens on.
+fn check_port(guest_port: u16, what: &str) -> Result<()> {
+    if guest_port == 0 {
+        return Err(Error::InvalidConfig(format!(
+            "guest port 0 cannot be {what}; give the port the guest server listens on"
+        )));
+    }
+    Ok(())
 }
 
 async fn accept_loop(listener: TcpListener, link: Arc<AgentLink>, port: u16) {

@@ -370,11 +370,7 @@ pub fn write(
     let result = (|| {
         // Never an existing file: the running guest's memory may be a
         // mapping of an earlier generation's.
-        let mem_file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&memory_path)
+        let mem_file = crate::fsutil::create_new_rw(&memory_path)
             .map_err(SnapshotError::io("create", &memory_path))?;
         let (stats, mut layers, pages_crc32) = match how {
             MemoryWrite::Full => (memory::save_pages(mem, &mem_file, None), Vec::new(), None),

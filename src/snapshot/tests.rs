@@ -212,12 +212,7 @@ fn a_base_whose_pages_changed_is_corrupt() {
     mem.write_slice(&[9u8; 8192], GuestAddress(0x20_0000))
         .unwrap();
     let path = dir.path().join("memory-1");
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap();
+    let file = crate::fsutil::create_new_rw(&path).unwrap();
     let stats = save_to_file(&mem, &file).unwrap();
     let mut m = sample();
     m.memory.truncate(1);

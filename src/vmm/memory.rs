@@ -466,12 +466,7 @@ mod tests {
         let mut pages = vec![0u64; size / PAGE_SIZE / 64];
         pages[0] = 0b1010; // pages 1 and 3
         let layer_path = dir.path().join("layer");
-        let layer = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&layer_path)
-            .unwrap();
+        let layer = crate::fsutil::create_new_rw(&layer_path).unwrap();
         let stats = save_layer(&mem, &layer, &pages).unwrap();
         assert_eq!(stats.written, 2 * PAGE_SIZE as u64);
         let back = map_file(&file, size as u64).unwrap();
@@ -510,12 +505,7 @@ mod tests {
         name: &str,
         runs: &[(std::ops::Range<usize>, u8)],
     ) -> (File, Vec<u64>) {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(dir.join(name))
-            .unwrap();
+        let file = crate::fsutil::create_new_rw(&dir.join(name)).unwrap();
         let mut bits = vec![0u64; 8];
         for (range, value) in runs {
             for page in range.clone() {
@@ -632,12 +622,7 @@ mod tests {
         mem.write_slice(&[0xee; PAGE_SIZE], addr(7)).unwrap(); // not dirty
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("layer");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
+        let file = crate::fsutil::create_new_rw(&path).unwrap();
         let stats = save_layer(&mem, &file, &bits).unwrap();
         let len = (dirty.len() * PAGE_SIZE) as u64;
         assert_eq!(stats.total, 512 * PAGE_SIZE as u64);
@@ -689,12 +674,7 @@ mod tests {
             bits
         };
         let path = dir.path().join("long");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
+        let file = crate::fsutil::create_new_rw(&path).unwrap();
         save_layer(&mem, &file, &long).unwrap();
         let layer = Layer {
             file: &file,
