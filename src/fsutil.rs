@@ -198,6 +198,63 @@ pub(crate) fn write_all_vectored_at(
     Ok(())
 }
 
+/// Fills `bufs` one after another from `file` at `offset`, in calls of up
+/// to [`MAX_IOVECS`] buffers and [`MAX_WRITE`] bytes: one sequential read
+/// for data that lies in one piece in the file but in many places in
+/// memory. The end of the file before every buffer is full is
+/// `UnexpectedEof`.
+pub(crate) fn read_exact_vectored_at(
+    file: &File,
+    bufs: &mut [&mut [u8]],
+    mut offset: u64,
+) -> io::Result<()> {
+    let mut slices: Vec<io::IoSliceMut<'_>> = bufs
+        .iter_mut()
+        .flat_map(|buf| buf.chunks_mut(MAX_WRITE))
+        .map(io::IoSliceMut::new)
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let mut count = 0;
+        let mut bytes = 0;
+        while count < rest.len()
+            && count < MAX_IOVECS
+            && (count == 0 || bytes + rest[count].len() <= MAX_WRITE)
+        {
+            bytes += rest[count].len();
+            count += 1;
+        }
+        // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` on Unix; the
+        // `count` (≤ IOV_MAX) buffers are valid for writes of their
+        // lengths for the call and borrowed by nothing else; the
+        // descriptor is open.
+        let n = unsafe {
+            libc::preadv(
+                file.as_raw_fd(),
+                rest.as_ptr().cast(),
+                count as libc::c_int,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file ends before the data read from it",
+            ));
+        }
+        offset += n as u64;
+        io::IoSliceMut::advance_slices(&mut rest, n as usize);
+    }
+    Ok(())
+}
+
 /// fsyncs a directory (makes renames and new names in it durable).
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -283,6 +340,19 @@ mod tests {
         let bufs: Vec<&[u8]> = bytes.chunks(1).collect();
         write_all_vectored_at(&file, &bufs, 10).unwrap();
         assert_eq!(&std::fs::read(&path).unwrap()[10..], &bytes[..]);
+
+        // Read back into as many pieces, and past the end.
+        let file = File::open(&path).unwrap();
+        let mut back = vec![0u8; 3000];
+        let mut pieces: Vec<&mut [u8]> = back.chunks_mut(1).collect();
+        read_exact_vectored_at(&file, &mut pieces, 10).unwrap();
+        assert_eq!(back, bytes);
+        let mut two = [[0u8; 8]; 2];
+        let [a, b] = &mut two;
+        let mut pieces: Vec<&mut [u8]> = vec![a, b];
+        let err = read_exact_vectored_at(&file, &mut pieces, 3000).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(two[0], bytes[2990..2998], "what the file holds is read");
     }
 
     #[test]

@@ -297,6 +297,10 @@ pub fn map_layers(mem: &GuestMemory, layers: &[Layer<'_>]) -> io::Result<LayerSt
     let mut stats = LayerStats::default();
     for (layer, runs) in layers.iter().zip(&all) {
         let file = layer.file;
+        // The pieces to copy that lie one after another in the file (a
+        // packed layer's short runs between two mapped ones): read at once.
+        let mut pending: Vec<&mut [u8]> = Vec::new();
+        let (mut pending_at, mut pending_end) = (0u64, 0u64);
         for (run, run_offset) in runs {
             let (mut page, end) = (run.start, run.end);
             // A run may cross from one region into the next.
@@ -332,14 +336,22 @@ pub fn map_layers(mem: &GuestMemory, layers: &[Layer<'_>]) -> io::Result<LayerSt
                     stats.runs_mapped += 1;
                 } else {
                     // SAFETY: as above: `len` bytes of `mem`'s mapping that
-                    // nothing else accesses now.
+                    // nothing else accesses now, borrowed once (runs and
+                    // regions do not overlap).
                     let bytes = unsafe { std::slice::from_raw_parts_mut(target, len) };
-                    file.read_exact_at(bytes, file_offset)?;
+                    if file_offset != pending_end {
+                        crate::fsutil::read_exact_vectored_at(file, &mut pending, pending_at)?;
+                        pending.clear();
+                        pending_at = file_offset;
+                    }
+                    pending.push(bytes);
+                    pending_end = file_offset + len as u64;
                     stats.copied += len as u64;
                 }
                 page = stop;
             }
         }
+        crate::fsutil::read_exact_vectored_at(file, &mut pending, pending_at)?;
     }
     Ok(stats)
 }
