@@ -138,6 +138,20 @@ const MAX_IOVECS: usize = 1024;
 /// call; smaller calls keep each request a reasonable size).
 const MAX_WRITE: usize = 64 << 20;
 
+/// How many of the buffers of lengths `lens` (one at least) the next
+/// vectored call takes: up to [`MAX_IOVECS`] and [`MAX_WRITE`] bytes.
+fn batch(lens: impl Iterator<Item = usize>) -> usize {
+    let (mut count, mut bytes) = (0, 0);
+    for len in lens.take(MAX_IOVECS) {
+        if count > 0 && bytes + len > MAX_WRITE {
+            break;
+        }
+        bytes += len;
+        count += 1;
+    }
+    count
+}
+
 /// Writes `bufs` one after another to `file` from `offset`, in calls of
 /// up to [`MAX_IOVECS`] buffers. With `O_DIRECT` (see [`set_direct_io`])
 /// every buffer, its length and `offset` must be aligned to the device's
@@ -155,15 +169,7 @@ pub(crate) fn write_all_vectored_at(
         .collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
-        let mut count = 0;
-        let mut bytes = 0;
-        while count < rest.len()
-            && count < MAX_IOVECS
-            && (count == 0 || bytes + rest[count].len() <= MAX_WRITE)
-        {
-            bytes += rest[count].len();
-            count += 1;
-        }
+        let count = batch(rest.iter().map(|slice| slice.len()));
         // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; the
         // `count` (≤ IOV_MAX) buffers are valid for reads of their lengths
         // for the call; the descriptor is open.
@@ -215,15 +221,7 @@ pub(crate) fn read_exact_vectored_at(
         .collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
-        let mut count = 0;
-        let mut bytes = 0;
-        while count < rest.len()
-            && count < MAX_IOVECS
-            && (count == 0 || bytes + rest[count].len() <= MAX_WRITE)
-        {
-            bytes += rest[count].len();
-            count += 1;
-        }
+        let count = batch(rest.iter().map(|slice| slice.len()));
         // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` on Unix; the
         // `count` (≤ IOV_MAX) buffers are valid for writes of their
         // lengths for the call and borrowed by nothing else; the
