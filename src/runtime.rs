@@ -12,6 +12,7 @@ use crate::sandbox::{self, Live, Paused, Running, Sandbox, SandboxConfig, Sandbo
 use crate::snapshot::{self as snap, SandboxRecord};
 use crate::template::Template;
 use crate::vmm::cpu::{HostKind, HostProfile};
+use crate::vmm::vm::SpareVm;
 
 /// Environment variable: extra template directories, `:`-separated.
 pub const TEMPLATE_PATH_ENV: &str = "DORMOUSE_TEMPLATE_PATH";
@@ -42,6 +43,8 @@ pub(crate) struct RuntimeInner {
     pub(crate) dir: PathBuf,
     template_dirs: Vec<PathBuf>,
     pub(crate) kvm_path: PathBuf,
+    /// A VM made ahead of time for the next create or resume.
+    pub(crate) spare_vm: Arc<SpareVm>,
     pub(crate) host: HostKind,
     /// The longest a sandbox runs without a pause (then its timeout action
     /// applies), if limited.
@@ -151,6 +154,7 @@ impl RuntimeBuilder {
             inner: Arc::new(RuntimeInner {
                 dir: self.dir,
                 template_dirs,
+                spare_vm: SpareVm::new(self.kvm_path.clone()),
                 kvm_path: self.kvm_path,
                 host: HostKind::detect(),
                 max_running: self.max_running,

@@ -201,8 +201,9 @@ impl Live {
             let written = job.run(&mut machine);
             match written {
                 Ok((manifest, _)) => {
-                    // Releases guest memory, vCPU and device threads now.
-                    drop(machine);
+                    // Releases guest memory and the VM, without waiting for
+                    // KVM to tear it down (its threads have stopped).
+                    machine.drop_in_background();
                     (None, Ok(manifest))
                 }
                 Err(e) => {

@@ -31,7 +31,7 @@ use crate::vmm::cpu::HostProfile;
 use crate::vmm::devices::virtio::block::Block;
 use crate::vmm::devices::virtio::vsock::{Vsock, VsockConnector};
 use crate::vmm::devices::virtio::VirtioDevice;
-use crate::vmm::{memory, Machine, MachineConfig, RestoreConfig};
+use crate::vmm::{memory, Machine, MachineConfig, MachineError, RestoreConfig};
 
 /// The guest CID of every sandbox (each has its own vsock device).
 const GUEST_CID: u64 = 3;
@@ -1300,7 +1300,7 @@ impl Sandbox<Paused> {
     async fn restore(&mut self) -> Result<Option<tokio::task::JoinHandle<Result<()>>>> {
         let dir = self.inner.live.dir.clone();
         let rootfs = self.inner.live.rootfs.clone();
-        let kvm_path = self.inner.rt.kvm_path.clone();
+        let spare_vm = self.inner.rt.spare_vm.clone();
         let id = self.inner.live.id.to_string();
         let restored = tokio::task::spawn_blocking(move || -> Result<_> {
             let (manifest, state, files) = snapshot::read(&dir)?;
@@ -1316,27 +1316,37 @@ impl Sandbox<Paused> {
                     reason,
                 }
             })?;
-            let layers: Vec<memory::Layer<'_>> =
-                files.layers.iter().map(|layer| layer.as_layer()).collect();
-            memory::map_layers(&memory, &layers).map_err(|source| snapshot::SnapshotError::Io {
-                what: "map the memory layers of",
-                path: dir.clone(),
-                source,
-            })?;
-            let disk = CowDisk::open(&rootfs, &dir.join("disk"), manifest.disk_layer)?;
-            let block = Block::new(disk, false).map_err(|e| Error::InvalidConfig(e.to_string()))?;
-            let disk = block.disk();
-            let (vsock, connector) =
-                Vsock::new(GUEST_CID).map_err(|e| Error::InvalidConfig(e.to_string()))?;
-            // The guest's connections refer to host ends that are gone.
-            vsock.send_transport_reset();
-            let devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(block), Box::new(vsock)];
+            let empty_vm = spare_vm.take().map_err(MachineError::from)?;
+            // KVM takes its time to register the memory (whatever its size):
+            // it does so while the layers are put over it and the devices
+            // made.
+            let (vm, parts) = std::thread::scope(|scope| {
+                let vm = std::thread::Builder::new()
+                    .name("dormouse-restore".into())
+                    .spawn_scoped(scope, || empty_vm.with_memory(memory.clone()));
+                let parts = restore_devices(&dir, &rootfs, &memory, &files, manifest.disk_layer);
+                let vm = match vm {
+                    Ok(thread) => thread
+                        .join()
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+                        .map_err(MachineError::from),
+                    Err(source) => Err(MachineError::Io {
+                        what: "cannot start a thread to restore the VM".into(),
+                        source,
+                    }),
+                };
+                (vm, parts)
+            });
+            let RestoredDevices {
+                devices,
+                connector,
+                disk,
+            } = parts?;
             let machine = Machine::restore(
                 RestoreConfig {
-                    kvm_path,
+                    vm: vm?,
                     console_log: dir.join("console.log"),
                     devices,
-                    memory,
                 },
                 &state,
             );
@@ -1398,6 +1408,44 @@ impl Sandbox<Paused> {
         self.inner.live.link.set(Some(connector));
         Ok(check)
     }
+}
+
+/// The devices of a restored machine, and the host's handles on them.
+struct RestoredDevices {
+    devices: Vec<Box<dyn VirtioDevice>>,
+    connector: VsockConnector,
+    disk: Arc<Mutex<CowDisk>>,
+}
+
+/// The devices of a machine restored from the snapshot in `dir` (the guest
+/// disk over `rootfs`, vsock with its connections reset), after putting the
+/// snapshot's memory layers over `memory`.
+fn restore_devices(
+    dir: &Path,
+    rootfs: &Path,
+    memory: &memory::GuestMemory,
+    files: &snapshot::MemoryFiles,
+    disk_layer: Option<crate::disk::SealedLayer>,
+) -> Result<RestoredDevices> {
+    let layers: Vec<memory::Layer<'_>> =
+        files.layers.iter().map(|layer| layer.as_layer()).collect();
+    memory::map_layers(memory, &layers).map_err(|source| snapshot::SnapshotError::Io {
+        what: "map the memory layers of",
+        path: dir.to_owned(),
+        source,
+    })?;
+    let disk = CowDisk::open(rootfs, &dir.join("disk"), disk_layer)?;
+    let block = Block::new(disk, false).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    let disk = block.disk();
+    let (vsock, connector) =
+        Vsock::new(GUEST_CID).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    // The guest's connections refer to host ends that are gone.
+    vsock.send_transport_reset();
+    Ok(RestoredDevices {
+        devices: vec![Box::new(block), Box::new(vsock)],
+        connector,
+        disk,
+    })
 }
 
 /// A new sandbox id and its directory, created and locked; the guard

@@ -1,7 +1,7 @@
 //! A running microVM: VM, vCPU threads, devices.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use kvm_bindings::kvm_lapic_state;
 use kvm_ioctls::VcpuFd;
@@ -17,7 +17,7 @@ use super::devices::virtio::{IrqTrigger, VirtioDevice};
 use super::layout::{COM1_IRQ, IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_BASE};
 use super::state::{self, StateError, VcpuState, VmState};
 use super::vcpu::{GuestStop, VcpuShared, VcpuThread};
-use super::vm::{open_kvm, Vm, VmError};
+use super::vm::{Vm, VmError};
 use super::{boot, memory, mptable};
 
 /// What to boot.
@@ -93,15 +93,14 @@ pub enum MachineError {
 /// What to restore a saved machine with: the same kind of devices, in the
 /// same order, as the machine that was saved had, and its memory.
 pub struct RestoreConfig {
-    /// The KVM device, normally `/dev/kvm`.
-    pub kvm_path: PathBuf,
+    /// The VM, its memory holding the saved contents (e.g. a private
+    /// mapping of a snapshot file; see
+    /// [`EmptyVm::with_memory`](super::vm::EmptyVm::with_memory)).
+    pub vm: Vm,
     /// Where the serial console is appended.
     pub console_log: PathBuf,
     /// Virtio devices, as at boot (same types, same order).
     pub devices: Vec<Box<dyn VirtioDevice>>,
-    /// Guest memory holding the saved contents (e.g. a private mapping of a
-    /// snapshot file).
-    pub memory: memory::GuestMemory,
 }
 
 /// Everything of a paused machine except guest memory and disk contents:
@@ -341,7 +340,8 @@ impl Machine {
                 saved.host
             )));
         }
-        let mem_size: u64 = config.memory.iter().map(|r| r.len()).sum();
+        let vm = config.vm;
+        let mem_size: u64 = vm.memory().iter().map(|r| r.len()).sum();
         if mem_size != saved.mem_size {
             return Err(MachineError::Incompatible(format!(
                 "{mem_size} bytes of memory given, {} saved",
@@ -361,8 +361,6 @@ impl Machine {
                 saved.devices.len()
             )));
         }
-        let kvm = open_kvm(&config.kvm_path)?;
-        let vm = Vm::with_memory(kvm, config.memory)?;
         let console =
             Console::append_to_file(&config.console_log).map_err(|source| MachineError::Io {
                 what: format!(
@@ -505,5 +503,33 @@ fn attach_devices(
 impl Drop for Machine {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+impl Machine {
+    /// Drops the machine on a thread that does only that, one machine after
+    /// another: KVM takes its time to tear a VM down (~15 ms on the PVM
+    /// host, most of it waiting for grace periods), which a pause that has
+    /// written its snapshot need not wait for. Its guest memory is unmapped
+    /// there, shortly after. Dropped here if that thread cannot start.
+    pub fn drop_in_background(self) {
+        static REAPER: OnceLock<Option<mpsc::Sender<Machine>>> = OnceLock::new();
+        let reaper = REAPER.get_or_init(|| {
+            let (send, receive) = mpsc::channel::<Machine>();
+            let spawned = std::thread::Builder::new()
+                .name("dormouse-reaper".into())
+                .spawn(move || receive.into_iter().for_each(drop));
+            match spawned {
+                Ok(_) => Some(send),
+                Err(e) => {
+                    log::warn!("no thread to release machines on: {e}");
+                    None
+                }
+            }
+        });
+        // Without the thread (or should it have ended), dropped here.
+        if let Some(reaper) = reaper {
+            drop(reaper.send(self));
+        }
     }
 }

@@ -205,20 +205,41 @@ pub struct Layer<'a> {
 }
 
 impl Layer<'_> {
-    /// The layer's runs of pages with the file offset of each run's first
-    /// page, in page order.
-    fn runs(&self, total_pages: usize) -> Vec<(std::ops::Range<usize>, u64)> {
-        let mut at = 0u64;
-        runs(self.pages, total_pages)
+    /// The runs of the layer's pages that no newer layer holds (`hidden`,
+    /// a bitmap like [`Layer::pages`]), each with the file offset of its
+    /// first page, in page order.
+    fn visible_runs(
+        &self,
+        total_pages: usize,
+        hidden: &[u64],
+    ) -> Vec<(std::ops::Range<usize>, u64)> {
+        let visible: Vec<u64> = self
+            .pages
+            .iter()
+            .enumerate()
+            .map(|(i, word)| word & !hidden.get(i).copied().unwrap_or(0))
+            .collect();
+        // In a packed layer, the number of its pages before each word's.
+        let before: Vec<u64> = self
+            .pages
+            .iter()
+            .scan(0u64, |count, word| {
+                let at = *count;
+                *count += u64::from(word.count_ones());
+                Some(at)
+            })
+            .collect();
+        runs(&visible, total_pages)
             .into_iter()
             .map(|run| {
-                let offset = if self.packed {
-                    at
+                let page = run.start;
+                let index = if self.packed {
+                    let below = self.pages[page / 64] & ((1u64 << (page % 64)) - 1);
+                    before[page / 64] + u64::from(below.count_ones())
                 } else {
-                    (run.start * PAGE_SIZE) as u64
+                    page as u64
                 };
-                at += (run.len() * PAGE_SIZE) as u64;
-                (run, offset)
+                (run, index * PAGE_SIZE as u64)
             })
             .collect()
     }
@@ -285,8 +306,20 @@ fn runs(pages: &[u64], count: usize) -> Vec<std::ops::Range<usize>> {
 /// [`layer_digest`]. Call before the vCPUs and devices start.
 pub fn map_layers(mem: &GuestMemory, layers: &[Layer<'_>]) -> io::Result<LayerStats> {
     let total_pages = mem.iter().map(|r| r.len() as usize / PAGE_SIZE).sum();
-    let all: Vec<Vec<(std::ops::Range<usize>, u64)>> =
-        layers.iter().map(|layer| layer.runs(total_pages)).collect();
+    // Only the pages no newer layer holds: newest first, each hiding its
+    // pages from the older ones.
+    let mut hidden: Vec<u64> = Vec::new();
+    let mut all: Vec<Vec<(std::ops::Range<usize>, u64)>> = Vec::with_capacity(layers.len());
+    for layer in layers.iter().rev() {
+        all.push(layer.visible_runs(total_pages, &hidden));
+        if hidden.len() < layer.pages.len() {
+            hidden.resize(layer.pages.len(), 0);
+        }
+        for (word, page_bits) in hidden.iter_mut().zip(layer.pages) {
+            *word |= page_bits;
+        }
+    }
+    all.reverse();
     // The shortest run that is mapped: the longest runs fill the budget.
     let mut lengths: Vec<usize> = all.iter().flatten().map(|(r, _)| r.len()).collect();
     lengths.sort_unstable_by(|a, b| b.cmp(a));
@@ -382,7 +415,7 @@ fn region_of(
 pub fn layer_digest(layer: Layer<'_>, total_pages: usize) -> io::Result<u32> {
     let mut digest = PageDigest::default();
     let mut buf = vec![0u8; 1 << 20];
-    for (run, offset) in layer.runs(total_pages) {
+    for (run, offset) in layer.visible_runs(total_pages, &[]) {
         let mut page = run.start;
         while page < run.end {
             let n = (run.end - page).min(buf.len() / PAGE_SIZE);
@@ -538,7 +571,8 @@ mod tests {
         ])
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        // Older: 100 pages across the regions' border (mapped, in two).
+        // Older: 100 pages across the regions' border; what the newer layer
+        // leaves of them is mapped, in two (200..250 and 260..300).
         let (old, old_bits) = layer(dir.path(), "old", &[(200..300, 1)]);
         // Newer: 10 pages over them (copied) and 20 at the start (mapped).
         let (new, new_bits) = layer(dir.path(), "new", &[(0..20, 3), (250..260, 2)]);
@@ -555,7 +589,7 @@ mod tests {
         assert_eq!(
             stats,
             LayerStats {
-                mapped: 120 * PAGE_SIZE as u64,
+                mapped: 110 * PAGE_SIZE as u64,
                 copied: 10 * PAGE_SIZE as u64,
                 runs_mapped: 3
             }
@@ -699,6 +733,64 @@ mod tests {
             let mut b = [0u8; PAGE_SIZE];
             back.read_slice(&mut b, addr(page)).unwrap();
             assert!(b.iter().all(|&x| x == 0x42), "page {page}");
+        }
+    }
+
+    #[test]
+    fn pages_of_a_newer_layer_are_not_loaded_from_older_ones() {
+        let pages = 256;
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), pages * PAGE_SIZE)]).unwrap();
+        let fill = |value: u8, set: &[std::ops::Range<usize>]| {
+            let mut bits = vec![0u64; pages / 64];
+            for page in set.iter().cloned().flatten() {
+                mem.write_slice(&[value; PAGE_SIZE], GuestAddress((page * PAGE_SIZE) as u64))
+                    .unwrap();
+                bits[page / 64] |= 1 << (page % 64);
+            }
+            bits
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let save = |name: &str, bits: &[u64]| {
+            let file = crate::fsutil::create_new_rw(&dir.path().join(name)).unwrap();
+            save_layer(&mem, &file, bits).unwrap();
+            file
+        };
+        // Oldest: 10..60 (a mapped run), 70..72, 100..101; then 20..40 and
+        // 71..72 again; newest: 30..35 and 100..101.
+        let old = fill(1, &[10..60, 70..72, 100..101]);
+        let old_file = save("old", &old);
+        let mid = fill(2, &[20..40, 71..72]);
+        let mid_file = save("mid", &mid);
+        let new = fill(3, &[30..35, 100..101]);
+        let new_file = save("new", &new);
+        let layer = |file, pages| Layer {
+            file,
+            pages,
+            packed: true,
+        };
+        let back = GuestMemory::from_ranges(&[(GuestAddress(0), pages * PAGE_SIZE)]).unwrap();
+        let stats = map_layers(
+            &back,
+            &[
+                layer(&old_file, &old),
+                layer(&mid_file, &mid),
+                layer(&new_file, &new),
+            ],
+        )
+        .unwrap();
+        // Each page comes from one layer only: 50 + 2 + 1 pages in all.
+        assert_eq!(stats.mapped + stats.copied, 53 * PAGE_SIZE as u64);
+        for page in 0..pages {
+            let want = match page {
+                30..35 | 100 => 3,
+                20..40 | 71 => 2,
+                10..60 | 70 => 1,
+                _ => 0,
+            };
+            let mut b = [0u8; PAGE_SIZE];
+            back.read_slice(&mut b, GuestAddress((page * PAGE_SIZE) as u64))
+                .unwrap();
+            assert!(b.iter().all(|&x| x == want), "page {page}: want {want}");
         }
     }
 }

@@ -2,7 +2,8 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
@@ -56,6 +57,147 @@ pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     Kvm::new_with_path(c_path).map_err(VmError::KvmUnavailable)
 }
 
+/// A VM with its in-kernel irqchip and PIT but no memory yet: the part of
+/// making a VM that does not depend on the guest. It costs a few
+/// milliseconds (the PIT starts a kernel thread), so a [`SpareVm`] keeps one
+/// ready for the next restore.
+pub struct EmptyVm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl EmptyVm {
+    /// Opens the KVM device at `kvm_path` and creates the VM.
+    pub fn new(kvm_path: &Path) -> Result<EmptyVm, VmError> {
+        Self::create(open_kvm(kvm_path)?)
+    }
+
+    fn create(kvm: Kvm) -> Result<EmptyVm, VmError> {
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::ApiVersion(version));
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        Ok(EmptyVm { kvm, fd })
+    }
+
+    /// Gives the VM its memory, one slot per region, dirty pages logged
+    /// from the start. Takes a few milliseconds whatever the size (KVM
+    /// waits for an SRCU grace period): overlap it with other work.
+    ///
+    /// The regions' pages may still be replaced (`MAP_FIXED` over part of
+    /// a region) until the vCPUs run: KVM looks up guest pages by host
+    /// address when the guest first touches them.
+    pub fn with_memory(self, mem: GuestMemory) -> Result<Vm, VmError> {
+        let EmptyVm { kvm, fd } = self;
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                // Dirty pages are logged from the start: a pause writes only
+                // the pages written since the last one.
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`. The Vm
+            // made here keeps it alive as long as the VM fd (fields drop in
+            // declaration order: `fd` before `mem`); the only other
+            // references to the VM are vCPU fds, and the machine joins every
+            // vCPU thread (dropping its fd) before it drops the Vm. On an
+            // error here `fd` is dropped with this function, before `mem`.
+            unsafe { fd.set_user_memory_region(region_desc) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(Vm { kvm, fd, mem })
+    }
+}
+
+/// Keeps one [`EmptyVm`] made ahead of time, so that a restore does not wait
+/// for KVM to create the VM and its PIT: [`take`](Self::take) hands it out
+/// and makes the next one on a thread of its own.
+pub struct SpareVm {
+    kvm_path: PathBuf,
+    slot: Mutex<SpareSlot>,
+}
+
+#[derive(Default)]
+struct SpareSlot {
+    vm: Option<EmptyVm>,
+    /// A thread is making the next spare.
+    filling: bool,
+}
+
+impl SpareVm {
+    /// Starts making the first spare VM.
+    pub fn new(kvm_path: PathBuf) -> Arc<SpareVm> {
+        let spare = Arc::new(SpareVm {
+            kvm_path,
+            slot: Mutex::default(),
+        });
+        spare.refill(&mut spare.slot());
+        spare
+    }
+
+    /// The spare VM, or a new one made now if there is none (it is still
+    /// being made, or making it failed: then this reports why).
+    pub fn take(self: &Arc<Self>) -> Result<EmptyVm, VmError> {
+        let spare = {
+            let mut slot = self.slot();
+            let spare = slot.vm.take();
+            self.refill(&mut slot);
+            spare
+        };
+        match spare {
+            Some(vm) => Ok(vm),
+            None => EmptyVm::new(&self.kvm_path),
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, SpareSlot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes a spare VM on a new thread, unless one is being made. The
+    /// thread holds only a weak reference: a spare made for a runtime that
+    /// is gone is dropped.
+    fn refill(self: &Arc<Self>, slot: &mut SpareSlot) {
+        if slot.filling {
+            return;
+        }
+        let this = Arc::downgrade(self);
+        let kvm_path = self.kvm_path.clone();
+        let spawned = std::thread::Builder::new()
+            .name("dormouse-spare-vm".into())
+            .spawn(move || {
+                let made = EmptyVm::new(&kvm_path);
+                let Some(this) = this.upgrade() else {
+                    return;
+                };
+                let mut slot = this.slot();
+                slot.filling = false;
+                match made {
+                    Ok(vm) => slot.vm = Some(vm),
+                    // The next `take` makes one itself and reports the error.
+                    Err(e) => log::debug!("no spare VM: {e}"),
+                }
+            });
+        match spawned {
+            Ok(_) => slot.filling = true,
+            Err(e) => log::debug!("no thread to make a spare VM on: {e}"),
+        }
+    }
+}
+
 /// A KVM VM with its memory mapped.
 pub struct Vm {
     kvm: Kvm,
@@ -84,39 +226,7 @@ impl Vm {
 
     /// Creates a VM over already-populated guest memory.
     pub fn with_memory(kvm: Kvm, mem: GuestMemory) -> Result<Vm, VmError> {
-        let version = kvm.get_api_version();
-        if version != 12 {
-            return Err(VmError::ApiVersion(version));
-        }
-        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        for (slot, region) in mem.iter().enumerate() {
-            let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                // Dirty pages are logged from the start: a pause writes only
-                // the pages written since the last one.
-                flags: KVM_MEM_LOG_DIRTY_PAGES,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`. This Vm
-            // keeps it alive as long as the VM fd (fields drop in declaration
-            // order: `fd` before `mem`); the only other references to the VM
-            // are vCPU fds, and the machine joins every vCPU thread (dropping
-            // its fd) before it drops the Vm.
-            unsafe { fd.set_user_memory_region(region_desc) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-        Ok(Vm { kvm, fd, mem })
+        EmptyVm::create(kvm)?.with_memory(mem)
     }
 
     /// The `/dev/kvm` handle.
@@ -172,5 +282,42 @@ impl Vm {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(kvm_err("KVM_IOEVENTFD"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spare_vm_is_made_ahead_and_errors_reach_the_taker() {
+        // Without KVM every take says why, spare or not.
+        let none = SpareVm::new(PathBuf::from("/nonexistent/kvm"));
+        for _ in 0..2 {
+            assert!(matches!(none.take(), Err(VmError::KvmUnavailable(_))));
+        }
+        if !Path::new("/dev/kvm").exists() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "/dev/kvm is missing on CI"
+            );
+            eprintln!("!!! SKIPPING the rest of this test: no /dev/kvm");
+            return;
+        }
+        let spare = SpareVm::new(PathBuf::from("/dev/kvm"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while spare.slot().vm.is_none() {
+            assert!(std::time::Instant::now() < deadline, "no spare VM made");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The spare, then one made at once while the next is being made.
+        let first = spare.take().unwrap();
+        let second = spare.take().unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vm = first.with_memory(mem.clone()).unwrap();
+        assert_eq!(vm.memory().iter().count(), 1);
+        drop(second);
+        // Weak: the spare being made dies with its owner.
+        drop(spare);
     }
 }
