@@ -13,6 +13,8 @@
 //!
 //! `DORMOUSE_BENCH_SIZES` (MiB, comma-separated; default `256,1024,4096`)
 //! and `DORMOUSE_BENCH_DIRTY` (MiB; default `0,64,512`) choose the grid.
+//! `DORMOUSE_BENCH_STRIDE=K` (default 1) dirties one page in every K, so
+//! that the pages dirtied lie scattered (a fragmented memory layer).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,12 +27,13 @@ use dormouse::{HostKind, Runtime, SandboxConfig};
 
 const TEMPLATE: &str = "python";
 
-/// The guest-side dirtier: `/tmp/dirty.py N` keeps an N MiB buffer and, for
-/// every line `K` written to /tmp/dirty.in, rewrites K MiB of it and writes
-/// `done` to /tmp/dirty.out.
+/// The guest-side dirtier: `/tmp/dirty.py N S` keeps an N x S MiB buffer
+/// and, for every line `K` written to /tmp/dirty.in, rewrites K MiB of it,
+/// one page in every S, and writes `done` to /tmp/dirty.out.
 const DIRTIER: &str = r#"
 import os, sys
-size = int(sys.argv[1]) << 20
+stride = int(sys.argv[2])
+size = (int(sys.argv[1]) << 20) * stride
 buf = bytearray(size)
 for i in range(0, size, 4096):
     buf[i] = 1
@@ -41,7 +44,7 @@ while True:
     with open('/tmp/dirty.in') as f:
         for line in f:
             n = (n + 1) & 0xff
-            for i in range(0, int(line) << 20, 4096):
+            for i in range(0, (int(line) << 20) * stride, 4096 * stride):
                 buf[i] = n
             with open('/tmp/dirty.out', 'w') as out:
                 out.write('done')
@@ -121,10 +124,18 @@ fn benches(c: &mut Criterion) {
     group.sample_size(10);
     group.warm_up_time(Duration::from_millis(1));
     group.measurement_time(Duration::from_secs(1));
+    let stride = list("DORMOUSE_BENCH_STRIDE", &[1])
+        .first()
+        .copied()
+        .unwrap_or(1)
+        .max(1);
+    if stride > 1 {
+        eprintln!("dirtying one page in every {stride}");
+    }
     for mem in list("DORMOUSE_BENCH_SIZES", &[256, 1024, 4096]) {
         let dirty_sizes: Vec<u64> = list("DORMOUSE_BENCH_DIRTY", &[0, 64, 512])
             .into_iter()
-            .filter(|&d| d + 128 < mem)
+            .filter(|&d| d * stride + 128 < mem)
             .collect();
         let max_dirty = dirty_sizes.iter().copied().max().unwrap_or(0);
         let t = Instant::now();
@@ -145,7 +156,7 @@ fn benches(c: &mut Criterion) {
             let mut script = String::from("cat > /tmp/dirty.py <<'EOF'\n");
             script.push_str(DIRTIER);
             script.push_str(&format!(
-                "EOF\nsetsid python3 /tmp/dirty.py {max_dirty} </dev/null >/tmp/dirty.log 2>&1 &\n\
+                "EOF\nsetsid python3 /tmp/dirty.py {max_dirty} {stride} </dev/null >/tmp/dirty.log 2>&1 &\n\
                  while [ ! -e /tmp/dirty.ready ]; do sleep 0.5; done"
             ));
             let out = sbx.commands().run(&script).await.expect("start dirtier");
@@ -154,7 +165,12 @@ fn benches(c: &mut Criterion) {
         let mut sbx = Some(sbx);
         for &dirty in &dirty_sizes {
             let results = results.clone();
-            group.bench_function(format!("{mem}MiB/dirty{dirty}MiB"), |b| {
+            let stride_label = if stride > 1 {
+                format!("/stride{stride}")
+            } else {
+                String::new()
+            };
+            group.bench_function(format!("{mem}MiB/dirty{dirty}MiB{stride_label}"), |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
@@ -206,6 +222,9 @@ fn benches(c: &mut Criterion) {
         "\nhost kind: {host}; raw write bandwidth {bandwidth:.0} MiB/s to a new file \
          ({rewrite:.0} MiB/s in place)"
     );
+    if stride > 1 {
+        let _ = writeln!(out, "dirtied: one page in every {stride}");
+    }
     let _ = writeln!(
         out,
         "{:>8} {:>8} {:>10} {:>11} {:>10} {:>6} {:>10} {:>10}",

@@ -1291,9 +1291,10 @@ impl Sandbox<Paused> {
     /// while the guest runs (its disk writes go to a pending layer, see
     /// [`crate::disk`]), so a crash of this process leaves it resumable.
     ///
-    /// Memory is mapped lazily: the base file and the long runs of pages
-    /// of each layer (the short ones are copied, see
-    /// [`memory::map_layers`]). The memory files are checked against their
+    /// Memory loads lazily: the base file and the long runs of pages of
+    /// each layer are mapped, the short runs are filled on first access
+    /// through a userfaultfd (or copied where the host has none; see
+    /// [`memory::map_layers`] and [`crate::vmm::lazy`]). The memory files are checked against their
     /// digests by the task returned (those this process has not checked
     /// before), which runs while the guest starts and which the caller
     /// awaits before it hands the sandbox out.
@@ -1429,11 +1430,15 @@ fn restore_devices(
 ) -> Result<RestoredDevices> {
     let layers: Vec<memory::Layer<'_>> =
         files.layers.iter().map(|layer| layer.as_layer()).collect();
-    memory::map_layers(memory, &layers).map_err(|source| snapshot::SnapshotError::Io {
-        what: "map the memory layers of",
-        path: dir.to_owned(),
-        source,
+    let loading = memory::Loading::Lazily { base: &files.base };
+    let stats = memory::map_layers(memory, &layers, loading).map_err(|source| {
+        snapshot::SnapshotError::Io {
+            what: "map the memory layers of",
+            path: dir.to_owned(),
+            source,
+        }
     })?;
+    log::debug!("memory layers of {}: {stats:?}", dir.display());
     let disk = CowDisk::open(rootfs, &dir.join("disk"), disk_layer)?;
     let block = Block::new(disk, false).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     let disk = block.disk();

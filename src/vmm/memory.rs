@@ -140,7 +140,7 @@ pub fn save_layer(mem: &GuestMemory, file: &File, pages: &[u64]) -> io::Result<S
     for run in runs(pages, total_pages) {
         let mut page = run.start;
         while page < run.end {
-            let (region, first_page) = region_of(mem, page)?;
+            let (_, region, first_page) = region_of(mem, page)?;
             let stop = run.end.min(first_page + region.len() as usize / PAGE_SIZE);
             // SAFETY: pages `page..stop` lie within the region, a live
             // mapping owned by `mem`, which outlives this borrow; the caller
@@ -269,7 +269,35 @@ pub struct LayerStats {
     pub copied: u64,
     /// Mappings made.
     pub runs_mapped: usize,
+    /// Bytes of short runs left to load on first access (see
+    /// [`super::lazy`]).
+    pub lazy: u64,
+    /// Windows of guest memory loaded on first access.
+    pub windows: usize,
 }
+
+/// How [`map_layers`] loads the runs it does not map.
+#[derive(Debug, Clone, Copy)]
+pub enum Loading<'a> {
+    /// Copies them now.
+    Now,
+    /// Loads them on first access where the host has a userfaultfd (see
+    /// [`super::lazy`]; pages between them come from `base`, the file
+    /// the memory is mapped from), else copies them now.
+    Lazily {
+        /// The base memory file.
+        base: &'a File,
+    },
+}
+
+/// At most this many windows of guest memory are loaded on first access
+/// (each is a VMA); the short runs beyond them are copied.
+pub const MAX_LAZY_WINDOWS: usize = 1024;
+
+/// Short runs at most this many pages apart share a window (the base
+/// pages between them are then loaded through it too, no longer shared
+/// with the base file's page cache).
+const MAX_WINDOW_GAP: usize = 512;
 
 /// The runs of set bits in `pages` (one bit per page), as page ranges.
 fn runs(pages: &[u64], count: usize) -> Vec<std::ops::Range<usize>> {
@@ -298,16 +326,32 @@ fn runs(pages: &[u64], count: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-/// Puts the pages of memory layers (see [`Layer`]), oldest first, over
-/// guest memory `mem`: long runs
-/// of pages are mapped privately from the layer file (`MAP_FIXED`: they
-/// load lazily, like the base), at most [`MAX_MAPPED_RUNS`] of them, the
-/// longest; the rest is copied. Nothing is read to check the data: see
-/// [`layer_digest`]. Call before the vCPUs and devices start.
-pub fn map_layers(mem: &GuestMemory, layers: &[Layer<'_>]) -> io::Result<LayerStats> {
+/// A short run of a layer (within one region) that is not mapped.
+struct ShortRun {
+    layer: usize,
+    /// Guest pages, counted across regions.
+    pages: std::ops::Range<usize>,
+    /// Host address of the first page.
+    addr: *mut u8,
+    /// Offset of the first page in the layer file.
+    offset: u64,
+    region: usize,
+}
+
+/// Puts the pages of memory layers (see [`Layer`]) over guest memory
+/// `mem`, each page from the newest layer that holds it: long runs of pages
+/// are mapped privately from the layer file (`MAP_FIXED`: they load lazily,
+/// like the base), at most [`MAX_MAPPED_RUNS`] of them, the longest; the
+/// short ones are loaded as `loading` says. Nothing is read to check the
+/// data: see [`layer_digest`]. Call before the vCPUs and devices start.
+pub fn map_layers(
+    mem: &GuestMemory,
+    layers: &[Layer<'_>],
+    loading: Loading<'_>,
+) -> io::Result<LayerStats> {
     let total_pages = mem.iter().map(|r| r.len() as usize / PAGE_SIZE).sum();
     // Only the pages no newer layer holds: newest first, each hiding its
-    // pages from the older ones.
+    // pages from the older ones. What is left does not overlap.
     let mut hidden: Vec<u64> = Vec::new();
     let mut all: Vec<Vec<(std::ops::Range<usize>, u64)>> = Vec::with_capacity(layers.len());
     for layer in layers.iter().rev() {
@@ -328,17 +372,14 @@ pub fn map_layers(mem: &GuestMemory, layers: &[Layer<'_>]) -> io::Result<LayerSt
         .map_or(MIN_MAPPED_RUN, |&l| (l + 1).max(MIN_MAPPED_RUN));
 
     let mut stats = LayerStats::default();
-    for (layer, runs) in layers.iter().zip(&all) {
-        let file = layer.file;
-        // The pieces to copy that lie one after another in the file (a
-        // packed layer's short runs between two mapped ones): read at once.
-        let mut pending: Vec<&mut [u8]> = Vec::new();
-        let (mut pending_at, mut pending_end) = (0u64, 0u64);
+    let mut mapped_runs: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut short: Vec<ShortRun> = Vec::new();
+    for (index, (layer, runs)) in layers.iter().zip(&all).enumerate() {
         for (run, run_offset) in runs {
             let (mut page, end) = (run.start, run.end);
             // A run may cross from one region into the next.
             while page < end {
-                let (region, first_page) = region_of(mem, page)?;
+                let (region_index, region, first_page) = region_of(mem, page)?;
                 let region_pages = region.len() as usize / PAGE_SIZE;
                 let stop = end.min(first_page + region_pages);
                 let offset = (page - first_page) * PAGE_SIZE;
@@ -358,7 +399,7 @@ pub fn map_layers(mem: &GuestMemory, layers: &[Layer<'_>]) -> io::Result<LayerSt
                             len,
                             libc::PROT_READ | libc::PROT_WRITE,
                             libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                            std::os::fd::AsRawFd::as_raw_fd(file),
+                            std::os::fd::AsRawFd::as_raw_fd(layer.file),
                             file_offset as libc::off_t,
                         )
                     };
@@ -367,39 +408,149 @@ pub fn map_layers(mem: &GuestMemory, layers: &[Layer<'_>]) -> io::Result<LayerSt
                     }
                     stats.mapped += len as u64;
                     stats.runs_mapped += 1;
+                    mapped_runs.push(page..stop);
                 } else {
-                    // SAFETY: as above: `len` bytes of `mem`'s mapping that
-                    // nothing else accesses now, borrowed once (runs and
-                    // regions do not overlap).
-                    let bytes = unsafe { std::slice::from_raw_parts_mut(target, len) };
-                    if file_offset != pending_end {
-                        crate::fsutil::read_exact_vectored_at(file, &mut pending, pending_at)?;
-                        pending.clear();
-                        pending_at = file_offset;
-                    }
-                    pending.push(bytes);
-                    pending_end = file_offset + len as u64;
-                    stats.copied += len as u64;
+                    short.push(ShortRun {
+                        layer: index,
+                        pages: page..stop,
+                        addr: target,
+                        offset: file_offset,
+                        region: region_index,
+                    });
                 }
                 page = stop;
             }
         }
-        crate::fsutil::read_exact_vectored_at(file, &mut pending, pending_at)?;
     }
-    Ok(stats)
+    if let Loading::Lazily { base } = loading {
+        if let Some(uffd) = (!short.is_empty())
+            .then(super::lazy::Userfaultfd::open)
+            .flatten()
+        {
+            mapped_runs.sort_unstable_by_key(|r| r.start);
+            short = load_lazily(uffd, short, &mapped_runs, layers, base, &mut stats)?;
+        }
+    }
+    copy_runs(&short, layers, &mut stats).map(|()| stats)
+}
+
+/// Registers windows of guest memory holding `short` runs (at most
+/// [`MAX_LAZY_WINDOWS`], those with the most pages of runs) to be filled
+/// on first access by a [`super::lazy`] server; returns the runs left to
+/// copy.
+fn load_lazily(
+    uffd: super::lazy::Userfaultfd,
+    mut short: Vec<ShortRun>,
+    mapped_runs: &[std::ops::Range<usize>],
+    layers: &[Layer<'_>],
+    base: &File,
+    stats: &mut LayerStats,
+) -> io::Result<Vec<ShortRun>> {
+    use super::lazy::{Piece, Window};
+    short.sort_unstable_by_key(|r| r.pages.start);
+    // Consecutive short runs share a window if they are in one region, near
+    // each other, and no mapped run lies between them.
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::new(); // indices into `short`
+    for (i, run) in short.iter().enumerate() {
+        let joins = i > 0 && {
+            let prev = &short[i - 1];
+            let first_mapped = mapped_runs.partition_point(|m| m.start < prev.pages.end);
+            prev.region == run.region
+                && run.pages.start - prev.pages.end <= MAX_WINDOW_GAP
+                && mapped_runs
+                    .get(first_mapped)
+                    .is_none_or(|m| m.start >= run.pages.start)
+        };
+        match groups.last_mut() {
+            Some(group) if joins => group.end = i + 1,
+            _ => groups.push(i..i + 1),
+        }
+    }
+    let run_pages = |g: &std::ops::Range<usize>| -> usize {
+        short[g.clone()].iter().map(|r| r.pages.len()).sum()
+    };
+    groups.sort_unstable_by_key(|g| std::cmp::Reverse(run_pages(g)));
+    let left: Vec<usize> = groups
+        .iter()
+        .skip(MAX_LAZY_WINDOWS)
+        .flat_map(|g| g.clone())
+        .collect();
+    groups.truncate(MAX_LAZY_WINDOWS);
+
+    let mut files = Vec::with_capacity(layers.len() + 1);
+    for layer in layers {
+        files.push(layer.file.try_clone()?);
+    }
+    files.push(base.try_clone()?);
+    let mut windows = Vec::with_capacity(groups.len());
+    let mut pieces = Vec::new();
+    for group in &groups {
+        let (first, last) = (&short[group.start], &short[group.end - 1]);
+        let pages = first.pages.start..last.pages.end;
+        // SAFETY: the window lies within one region of `mem` (its runs
+        // do), which nothing accesses before the vCPUs start; it holds no
+        // mapped run.
+        unsafe { uffd.register(first.addr, pages.len() * PAGE_SIZE)? };
+        windows.push(Window {
+            addr: first.addr as usize,
+            pages,
+        });
+        for run in &short[group.clone()] {
+            stats.lazy += (run.pages.len() * PAGE_SIZE) as u64;
+            pieces.push(Piece {
+                pages: run.pages.clone(),
+                file: run.layer,
+                offset: run.offset,
+            });
+        }
+    }
+    stats.windows = windows.len();
+    super::lazy::serve(uffd, windows, pieces, files, layers.len())?;
+    let mut rest: Vec<Option<ShortRun>> = short.into_iter().map(Some).collect();
+    let mut out: Vec<ShortRun> = left.into_iter().filter_map(|i| rest[i].take()).collect();
+    // Copied in file order, layer by layer.
+    out.sort_unstable_by_key(|r| (r.layer, r.offset));
+    Ok(out)
+}
+
+/// Copies `runs` (sorted by layer, then file offset) into guest memory; the
+/// runs that lie one after another in their file are read at once.
+fn copy_runs(runs: &[ShortRun], layers: &[Layer<'_>], stats: &mut LayerStats) -> io::Result<()> {
+    let mut pending: Vec<&mut [u8]> = Vec::new();
+    let (mut pending_at, mut pending_end, mut pending_layer) = (0u64, 0u64, 0usize);
+    for run in runs {
+        let len = run.pages.len() * PAGE_SIZE;
+        // SAFETY: `len` bytes of `mem`'s mapping at `run.addr` (see
+        // `map_layers`) that nothing else accesses now, borrowed once
+        // (runs do not overlap).
+        let bytes = unsafe { std::slice::from_raw_parts_mut(run.addr, len) };
+        if run.offset != pending_end || run.layer != pending_layer {
+            let file = layers[pending_layer].file;
+            crate::fsutil::read_exact_vectored_at(file, &mut pending, pending_at)?;
+            pending.clear();
+            (pending_at, pending_layer) = (run.offset, run.layer);
+        }
+        pending.push(bytes);
+        pending_end = run.offset + len as u64;
+        stats.copied += len as u64;
+    }
+    if let Some(layer) = layers.get(pending_layer) {
+        crate::fsutil::read_exact_vectored_at(layer.file, &mut pending, pending_at)?;
+    }
+    Ok(())
 }
 
 /// The region holding guest page `page` (counted across regions, as in a
-/// memory file) and the number of its first page.
+/// memory file): its index, itself, and the number of its first page.
 fn region_of(
     mem: &GuestMemory,
     page: usize,
-) -> io::Result<(&GuestRegionMmap<AtomicBitmap>, usize)> {
+) -> io::Result<(usize, &GuestRegionMmap<AtomicBitmap>, usize)> {
     let mut first = 0;
-    for region in mem.iter() {
+    for (index, region) in mem.iter().enumerate() {
         let count = region.len() as usize / PAGE_SIZE;
         if page < first + count {
-            return Ok((region, first));
+            return Ok((index, region, first));
         }
         first += count;
     }
@@ -522,11 +673,10 @@ mod tests {
         };
         let layers = [layer];
         assert_eq!(
-            map_layers(&back, &layers).unwrap(),
+            map_layers(&back, &layers, Loading::Now).unwrap(),
             LayerStats {
-                mapped: 0,
                 copied: 2 * PAGE_SIZE as u64,
-                runs_mapped: 0
+                ..LayerStats::default()
             },
             "short runs are copied"
         );
@@ -584,6 +734,7 @@ mod tests {
         let stats = map_layers(
             &mem,
             &[sparse(&old, &old_bits[..]), sparse(&new, &new_bits[..])],
+            Loading::Now,
         )
         .unwrap();
         assert_eq!(
@@ -591,7 +742,8 @@ mod tests {
             LayerStats {
                 mapped: 110 * PAGE_SIZE as u64,
                 copied: 10 * PAGE_SIZE as u64,
-                runs_mapped: 3
+                runs_mapped: 3,
+                ..LayerStats::default()
             }
         );
         let page_at = |page: usize| {
@@ -693,7 +845,7 @@ mod tests {
         for page in 0..512 {
             back.write_slice(&[0xff; PAGE_SIZE], addr(page)).unwrap();
         }
-        let stats = map_layers(&back, &[layer]).unwrap();
+        let stats = map_layers(&back, &[layer], Loading::Now).unwrap();
         assert_eq!(stats.mapped + stats.copied, len);
         assert_eq!(
             stats.runs_mapped, 0,
@@ -727,7 +879,7 @@ mod tests {
             pages: &long,
             packed: true,
         };
-        let stats = map_layers(&back, &[layer]).unwrap();
+        let stats = map_layers(&back, &[layer], Loading::Now).unwrap();
         assert_eq!(stats.runs_mapped, 1);
         for page in [300, 339] {
             let mut b = [0u8; PAGE_SIZE];
@@ -776,6 +928,7 @@ mod tests {
                 layer(&mid_file, &mid),
                 layer(&new_file, &new),
             ],
+            Loading::Now,
         )
         .unwrap();
         // Each page comes from one layer only: 50 + 2 + 1 pages in all.
@@ -792,5 +945,87 @@ mod tests {
                 .unwrap();
             assert!(b.iter().all(|&x| x == want), "page {page}: want {want}");
         }
+    }
+
+    #[test]
+    fn short_runs_load_on_first_access_in_windows_between_mapped_runs() {
+        if crate::vmm::lazy::tests::userfaultfd_or_skip("lazy layers").is_none() {
+            return;
+        }
+        let pages = 512;
+        let size = pages * PAGE_SIZE;
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let at = |page: usize| GuestAddress((page * PAGE_SIZE) as u64);
+        let base_value = |page: usize| (page % 251) as u8 | 1;
+        for page in 0..pages {
+            mem.write_slice(&[base_value(page); PAGE_SIZE], at(page))
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = crate::fsutil::create_new_rw(&dir.path().join("base")).unwrap();
+        save_to_file(&mem, &base).unwrap();
+        let layer_of = |name: &str, value: u8, set: &[std::ops::Range<usize>]| {
+            let mut bits = vec![0u64; pages / 64];
+            for page in set.iter().cloned().flatten() {
+                mem.write_slice(&[value; PAGE_SIZE], at(page)).unwrap();
+                bits[page / 64] |= 1 << (page % 64);
+            }
+            let file = crate::fsutil::create_new_rw(&dir.path().join(name)).unwrap();
+            save_layer(&mem, &file, &bits).unwrap();
+            (file, bits)
+        };
+        // A long run (mapped) between short ones; the newer layer hides
+        // page 11 of the older.
+        let (old, old_bits) = layer_of("old", 0xa0, &[10..12, 30..31, 40..80, 90..93, 400..402]);
+        let (new, new_bits) = layer_of("new", 0xb0, &[11..12, 95..96, 300..303]);
+        let back = map_file(&base, size as u64).unwrap();
+        let layers = [
+            Layer {
+                file: &old,
+                pages: &old_bits,
+                packed: true,
+            },
+            Layer {
+                file: &new,
+                pages: &new_bits,
+                packed: true,
+            },
+        ];
+        let stats = map_layers(&back, &layers, Loading::Lazily { base: &base }).unwrap();
+        assert_eq!(
+            stats,
+            LayerStats {
+                mapped: 40 * PAGE_SIZE as u64,
+                runs_mapped: 1,
+                copied: 0,
+                lazy: 12 * PAGE_SIZE as u64,
+                // 10..31 and 90..402: the mapped run splits them.
+                windows: 2,
+            }
+        );
+        let want = |page: usize| match page {
+            11 | 95 | 300..303 => 0xb0,
+            10 | 30 | 40..80 | 90..93 | 400..402 => 0xa0,
+            _ => base_value(page),
+        };
+        std::thread::scope(|s| {
+            for t in 0..2 {
+                let (back, want) = (&back, &want);
+                s.spawn(move || {
+                    for page in (0..pages).filter(|p| p % 2 == t).rev() {
+                        let mut b = [0u8; PAGE_SIZE];
+                        back.read_slice(&mut b, at(page)).unwrap();
+                        let w = want(page);
+                        assert!(b.iter().all(|&x| x == w), "page {page}: want {w:#x}");
+                    }
+                });
+            }
+        });
+        // Guest writes stay private.
+        back.write_slice(&[7u8; 8], at(300)).unwrap();
+        let mut on_disk = [0u8; 8];
+        new.read_exact_at(&mut on_disk, 2 * PAGE_SIZE as u64)
+            .unwrap();
+        assert_eq!(on_disk, [0xb0; 8]);
     }
 }

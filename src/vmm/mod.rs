@@ -6,6 +6,7 @@ pub mod boot;
 pub mod cpu;
 pub mod devices;
 pub mod layout;
+pub mod lazy;
 pub mod memory;
 pub mod mptable;
 pub mod state;
