@@ -203,6 +203,17 @@ impl CowDisk {
         Ok(disk)
     }
 
+    /// Releases the overlay's lock while its files stay open, so that the
+    /// disk can be opened again at once: for a disk whose machine has
+    /// stopped for good and is dropped later (see
+    /// `Machine::drop_in_background`). Nothing may write through it after.
+    pub fn unlock(&self) {
+        // SAFETY: flock only reads the descriptor number, which `self.data`
+        // keeps open for the duration of the call; it touches no memory.
+        // Unlocking a descriptor that holds no lock does nothing.
+        unsafe { libc::flock(self.data.as_raw_fd(), libc::LOCK_UN) };
+    }
+
     /// Reopens an overlay made by [`create`](Self::create) over the same
     /// base image, validating its metadata against the base, as the disk of
     /// the snapshot that committed `sealed` (`None`: of the overlay alone):

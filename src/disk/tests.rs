@@ -307,7 +307,17 @@ fn an_overlay_is_used_by_one_disk_at_a_time() {
     let err = CowDisk::open(&base, &overlay, None).unwrap_err();
     assert!(matches!(err, DiskError::Locked { .. }), "{err}");
     drop(disk);
-    CowDisk::open(&base, &overlay, None).unwrap();
+    let disk = CowDisk::open(&base, &overlay, None).unwrap();
+    // Unlocked while still open (a stopped machine dropped later): another
+    // open takes the overlay at once.
+    disk.unlock();
+    let again = CowDisk::open(&base, &overlay, None).unwrap();
+    drop(disk);
+    assert!(matches!(
+        CowDisk::open(&base, &overlay, None).unwrap_err(),
+        DiskError::Locked { .. }
+    ));
+    drop(again);
 }
 
 #[test]

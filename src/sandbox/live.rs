@@ -201,6 +201,12 @@ impl Live {
             let written = job.run(&mut machine);
             match written {
                 Ok((manifest, _)) => {
+                    // The stopped machine's block device lets go of the
+                    // disk now, not when the reaper drops it: a resume may
+                    // open the disk at once.
+                    if let Some(disk) = &job.disk {
+                        lock_disk(disk).unlock();
+                    }
                     // Releases guest memory and the VM, without waiting for
                     // KVM to tear it down (its threads have stopped).
                     machine.drop_in_background();
