@@ -327,6 +327,7 @@ fn runs(pages: &[u64], count: usize) -> Vec<std::ops::Range<usize>> {
 }
 
 /// A short run of a layer (within one region) that is not mapped.
+#[derive(Clone)]
 struct ShortRun {
     layer: usize,
     /// Guest pages, counted across regions.
@@ -470,11 +471,14 @@ fn load_lazily(
         short[g.clone()].iter().map(|r| r.pages.len()).sum()
     };
     groups.sort_unstable_by_key(|g| std::cmp::Reverse(run_pages(g)));
-    let left: Vec<usize> = groups
+    // The runs of the windows beyond the budget are copied, in file order,
+    // layer by layer.
+    let mut left: Vec<ShortRun> = groups
         .iter()
         .skip(MAX_LAZY_WINDOWS)
-        .flat_map(|g| g.clone())
+        .flat_map(|g| short[g.clone()].iter().cloned())
         .collect();
+    left.sort_unstable_by_key(|r| (r.layer, r.offset));
     groups.truncate(MAX_LAZY_WINDOWS);
 
     let mut files = Vec::with_capacity(layers.len() + 1);
@@ -506,11 +510,7 @@ fn load_lazily(
     }
     stats.windows = windows.len();
     super::lazy::serve(uffd, windows, pieces, files, layers.len())?;
-    let mut rest: Vec<Option<ShortRun>> = short.into_iter().map(Some).collect();
-    let mut out: Vec<ShortRun> = left.into_iter().filter_map(|i| rest[i].take()).collect();
-    // Copied in file order, layer by layer.
-    out.sort_unstable_by_key(|r| (r.layer, r.offset));
-    Ok(out)
+    Ok(left)
 }
 
 /// Copies `runs` (sorted by layer, then file offset) into guest memory; the

@@ -16,3 +16,13 @@ pub mod xsave;
 
 pub mod machine;
 pub use machine::{Machine, MachineConfig, MachineError, MachineState, RestoreConfig};
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// For a test that cannot run here because of `missing`: fails on CI
+    /// (where nothing may be skipped), else says loudly that it skips.
+    pub(crate) fn skip_unless_ci(test: &str, missing: &str) {
+        assert!(std::env::var_os("CI").is_none(), "{test}: {missing} on CI");
+        eprintln!("!!! SKIPPING {test}: {missing} here");
+    }
+}

@@ -297,11 +297,7 @@ mod tests {
             assert!(matches!(none.take(), Err(VmError::KvmUnavailable(_))));
         }
         if !Path::new("/dev/kvm").exists() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "/dev/kvm is missing on CI"
-            );
-            eprintln!("!!! SKIPPING the rest of this test: no /dev/kvm");
+            crate::vmm::tests::skip_unless_ci("the rest of this test", "no /dev/kvm");
             return;
         }
         let spare = SpareVm::new(PathBuf::from("/dev/kvm"));
