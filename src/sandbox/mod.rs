@@ -31,6 +31,7 @@ use crate::vmm::cpu::HostProfile;
 use crate::vmm::devices::virtio::block::Block;
 use crate::vmm::devices::virtio::vsock::{Vsock, VsockConnector};
 use crate::vmm::devices::virtio::VirtioDevice;
+use crate::vmm::vm::TakenVm;
 use crate::vmm::{memory, Machine, MachineConfig, MachineError, RestoreConfig};
 
 /// The guest CID of every sandbox (each has its own vsock device).
@@ -1311,33 +1312,48 @@ impl Sandbox<Paused> {
                     reason: format!("its snapshot belongs to sandbox {}", manifest.sandbox.id),
                 });
             }
-            let memory = memory::map_file(&files.base, manifest.memory_len).map_err(|reason| {
-                snapshot::SnapshotError::Corrupt {
-                    path: dir.join(&manifest.memory[0].file),
-                    reason,
+            let corrupt_base = |reason| snapshot::SnapshotError::Corrupt {
+                path: dir.join(&manifest.memory[0].file),
+                reason,
+            };
+            let taken = spare_vm
+                .take(manifest.memory_len)
+                .map_err(MachineError::from)?;
+            let (vm, parts) = match taken {
+                // The usual case: the spare VM has memory of this size
+                // registered already; the file goes over it.
+                TakenVm::WithMemory(vm) => {
+                    memory::map_file_over(vm.memory(), &files.base).map_err(corrupt_base)?;
+                    let parts =
+                        restore_devices(&dir, &rootfs, vm.memory(), &files, manifest.disk_layer);
+                    (Ok(vm), parts)
                 }
-            })?;
-            let empty_vm = spare_vm.take().map_err(MachineError::from)?;
-            // KVM takes its time to register the memory (whatever its size):
-            // it does so while the layers are put over it and the devices
-            // made.
-            let (vm, parts) = std::thread::scope(|scope| {
-                let vm = std::thread::Builder::new()
-                    .name("dormouse-restore".into())
-                    .spawn_scoped(scope, || empty_vm.with_memory(memory.clone()));
-                let parts = restore_devices(&dir, &rootfs, &memory, &files, manifest.disk_layer);
-                let vm = match vm {
-                    Ok(thread) => thread
-                        .join()
-                        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-                        .map_err(MachineError::from),
-                    Err(source) => Err(MachineError::Io {
-                        what: "cannot start a thread to restore the VM".into(),
-                        source,
-                    }),
-                };
-                (vm, parts)
-            });
+                // KVM takes its time to register the memory (the more, the
+                // longer): it does so while the layers are put over it and
+                // the devices made.
+                TakenVm::Empty(empty_vm) => {
+                    let memory =
+                        memory::map_file(&files.base, manifest.memory_len).map_err(corrupt_base)?;
+                    std::thread::scope(|scope| {
+                        let vm = std::thread::Builder::new()
+                            .name("dormouse-restore".into())
+                            .spawn_scoped(scope, || empty_vm.with_memory(memory.clone()));
+                        let parts =
+                            restore_devices(&dir, &rootfs, &memory, &files, manifest.disk_layer);
+                        let vm = match vm {
+                            Ok(thread) => thread
+                                .join()
+                                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+                                .map_err(MachineError::from),
+                            Err(source) => Err(MachineError::Io {
+                                what: "cannot start a thread to restore the VM".into(),
+                                source,
+                            }),
+                        };
+                        (vm, parts)
+                    })
+                }
+            };
             let RestoredDevices {
                 devices,
                 connector,
@@ -1383,16 +1399,14 @@ impl Sandbox<Paused> {
                         rt.set_memory_checked(identity);
                     }
                 }
-                let total_pages = (manifest.memory_len / memory::PAGE_SIZE as u64) as usize;
                 for (file, layer, identity) in layers {
-                    let digest =
-                        memory::layer_digest(file.as_layer(), total_pages).map_err(|source| {
-                            snapshot::SnapshotError::Io {
-                                what: "read the memory layer",
-                                path: dir.join(&layer.file),
-                                source,
-                            }
-                        })?;
+                    let digest = memory::layer_digest(file.as_layer()).map_err(|source| {
+                        snapshot::SnapshotError::Io {
+                            what: "read the memory layer",
+                            path: dir.join(&layer.file),
+                            source,
+                        }
+                    })?;
                     layer.check_digest(&dir, digest)?;
                     if let Some(identity) = identity {
                         rt.set_memory_checked(identity);

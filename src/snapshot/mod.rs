@@ -36,6 +36,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -237,10 +238,8 @@ pub struct MemoryFiles {
 pub struct LayerFile {
     /// The file.
     pub file: File,
-    /// Its page bitmap.
-    pub pages: Vec<u64>,
-    /// See [`MemoryLayer::packed`].
-    pub packed: bool,
+    /// Where its pages are (from its page bitmap).
+    pub pages: memory::LayerPages,
 }
 
 impl LayerFile {
@@ -250,7 +249,6 @@ impl LayerFile {
         memory::Layer {
             file: &self.file,
             pages: &self.pages,
-            packed: self.packed,
         }
     }
 }
@@ -580,6 +578,47 @@ fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, SnapshotError> {
     Ok(data)
 }
 
+/// Reads the page bitmap of memory layer `layer` at `path` (`len` bytes
+/// for guest memory of `total_pages` pages) and checks its CRC, in pieces:
+/// a large guest's bitmap is never held whole (see [`memory::LayerPages`]).
+fn read_page_bitmap(
+    path: &Path,
+    len: u64,
+    layer: &MemoryLayer,
+    total_pages: usize,
+) -> Result<memory::LayerPages, SnapshotError> {
+    let file = File::open(path).map_err(SnapshotError::io("open", path))?;
+    let actual = file
+        .metadata()
+        .map_err(SnapshotError::io("stat", path))?
+        .len();
+    if actual != len {
+        return Err(SnapshotError::corrupt(
+            path,
+            format!("{actual} bytes, a page bitmap of this memory has {len}"),
+        ));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    let mut pages = memory::LayerPagesBuilder::new(total_pages, layer.packed);
+    let mut buf = [0u8; 16 << 10];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        let chunk = &mut buf[..n];
+        file.read_exact_at(chunk, at)
+            .map_err(SnapshotError::io("read", path))?;
+        crc.update(chunk);
+        for word in chunk.chunks_exact(8) {
+            pages.push(u64::from_le_bytes(word.try_into().expect("8-byte chunk")));
+        }
+        at += n as u64;
+    }
+    if Some(crc.finalize()) != layer.pages_crc32 {
+        return Err(SnapshotError::corrupt(path, "CRC-32 mismatch"));
+    }
+    Ok(pages.finish())
+}
+
 /// A file name the manifest may name: ours, in the same directory.
 fn valid_file_name(name: &str, prefix: &str) -> bool {
     name.strip_prefix(prefix).is_some_and(|rest| {
@@ -750,29 +789,13 @@ pub fn read(dir: &Path) -> Result<(Manifest, MachineState, MemoryFiles), Snapsho
     let len = manifest.memory_len;
     let base = open_memory(dir, &manifest.memory[0].file, len)?;
     let bitmap_len = len.div_ceil(memory::PAGE_SIZE as u64 * 64) * 8;
+    let total_pages = (len / memory::PAGE_SIZE as u64) as usize;
     let mut layers = Vec::with_capacity(manifest.memory.len() - 1);
     for layer in &manifest.memory[1..] {
         let pages_path = dir.join(pages_name(&layer.file));
-        let bytes = read_bounded(&pages_path, bitmap_len)?;
-        if bytes.len() as u64 != bitmap_len {
-            return Err(SnapshotError::corrupt(
-                &pages_path,
-                format!(
-                    "{} bytes, a page bitmap of this memory has {bitmap_len}",
-                    bytes.len()
-                ),
-            ));
-        }
-        if Some(crc32(&bytes)) != layer.pages_crc32 {
-            return Err(SnapshotError::corrupt(&pages_path, "CRC-32 mismatch"));
-        }
-        let pages: Vec<u64> = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunk")))
-            .collect();
+        let pages = read_page_bitmap(&pages_path, bitmap_len, layer, total_pages)?;
         let file_len = if layer.packed {
-            let count = memory::page_count(&pages, (len / memory::PAGE_SIZE as u64) as usize);
-            (count * memory::PAGE_SIZE) as u64
+            (pages.count() * memory::PAGE_SIZE) as u64
         } else {
             len
         };
@@ -786,11 +809,7 @@ pub fn read(dir: &Path) -> Result<(Manifest, MachineState, MemoryFiles), Snapsho
             ));
         }
         let file = open_memory(dir, &layer.file, file_len)?;
-        layers.push(LayerFile {
-            file,
-            pages,
-            packed: layer.packed,
-        });
+        layers.push(LayerFile { file, pages });
     }
     Ok((manifest, state, MemoryFiles { base, layers }))
 }

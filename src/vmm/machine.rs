@@ -1,7 +1,7 @@
 //! A running microVM: VM, vCPU threads, devices.
 
 use std::path::PathBuf;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_lapic_state;
 use kvm_ioctls::VcpuFd;
@@ -513,23 +513,6 @@ impl Machine {
     /// written its snapshot need not wait for. Its guest memory is unmapped
     /// there, shortly after. Dropped here if that thread cannot start.
     pub fn drop_in_background(self) {
-        static REAPER: OnceLock<Option<mpsc::Sender<Machine>>> = OnceLock::new();
-        let reaper = REAPER.get_or_init(|| {
-            let (send, receive) = mpsc::channel::<Machine>();
-            let spawned = std::thread::Builder::new()
-                .name("dormouse-reaper".into())
-                .spawn(move || receive.into_iter().for_each(drop));
-            match spawned {
-                Ok(_) => Some(send),
-                Err(e) => {
-                    log::warn!("no thread to release machines on: {e}");
-                    None
-                }
-            }
-        });
-        // Without the thread (or should it have ended), dropped here.
-        if let Some(reaper) = reaper {
-            drop(reaper.send(self));
-        }
+        super::drop_in_background(Box::new(self));
     }
 }

@@ -10,10 +10,13 @@ pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
 use vm_memory::mmap::MmapRegion;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use super::layout::ram_ranges;
 
@@ -191,64 +194,147 @@ pub fn save_layer(mem: &GuestMemory, file: &File, pages: &[u64]) -> io::Result<S
     })
 }
 
+/// Where a memory layer's pages are: runs of consecutive guest pages, in
+/// page order, each with the offset of its first page in the layer file.
+/// Its size follows the runs, not the size of guest memory: a resume of a
+/// large guest that dirtied little reads little.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerPages {
+    runs: Vec<(Range<usize>, u64)>,
+    count: usize,
+}
+
+impl LayerPages {
+    /// The pages of a layer from its page bitmap (one bit per page, bits
+    /// beyond `total_pages` ignored), see [`LayerPagesBuilder`].
+    pub fn from_bitmap(bitmap: &[u64], total_pages: usize, packed: bool) -> LayerPages {
+        let mut builder = LayerPagesBuilder::new(total_pages, packed);
+        bitmap.iter().for_each(|&word| builder.push(word));
+        builder.finish()
+    }
+
+    /// The runs, in page order, with the file offset of each first page.
+    pub fn runs(&self) -> &[(Range<usize>, u64)] {
+        &self.runs
+    }
+
+    /// How many pages the layer holds.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
+/// Makes [`LayerPages`] from a page bitmap read one 64-bit word at a time
+/// (bit `i` of word `w`: page `64 w + i`), so that a large bitmap need not
+/// be held whole.
+pub struct LayerPagesBuilder {
+    total_pages: usize,
+    packed: bool,
+    next_page: usize,
+    pages: LayerPages,
+}
+
+impl LayerPagesBuilder {
+    /// For guest memory of `total_pages` pages. `packed`: the layer's
+    /// pages lie one after another in its file ([`save_layer`]), rather
+    /// than each at its own offset ([`save_pages`], layers of earlier
+    /// versions).
+    pub fn new(total_pages: usize, packed: bool) -> LayerPagesBuilder {
+        LayerPagesBuilder {
+            total_pages,
+            packed,
+            next_page: 0,
+            pages: LayerPages::default(),
+        }
+    }
+
+    /// Adds the next word of the bitmap.
+    pub fn push(&mut self, word: u64) {
+        let base = self.next_page;
+        self.next_page += 64;
+        let valid = self.total_pages.saturating_sub(base).min(64);
+        let word = if valid == 64 {
+            word
+        } else {
+            word & ((1u64 << valid) - 1)
+        };
+        let mut bit = 0;
+        while bit < 64 && word >> bit != 0 {
+            bit += (word >> bit).trailing_zeros() as usize;
+            let ones = (!(word >> bit)).trailing_zeros() as usize;
+            let start = base + bit;
+            let offset = if self.packed {
+                (self.pages.count * PAGE_SIZE) as u64
+            } else {
+                (start * PAGE_SIZE) as u64
+            };
+            match self.pages.runs.last_mut() {
+                // Continues the last run (in the file too, packed or not).
+                Some((run, _)) if run.end == start => run.end += ones,
+                _ => self.pages.runs.push((start..start + ones, offset)),
+            }
+            self.pages.count += ones;
+            bit += ones;
+        }
+    }
+
+    /// The pages pushed.
+    pub fn finish(self) -> LayerPages {
+        self.pages
+    }
+}
+
 /// One memory layer over the base, as a resume reads it.
 #[derive(Debug, Clone, Copy)]
 pub struct Layer<'a> {
     /// The layer's file.
     pub file: &'a File,
-    /// Its page bitmap (one bit per page, in file order).
-    pub pages: &'a [u64],
-    /// Whether its pages lie one after another ([`save_layer`]) rather
-    /// than each at its own offset ([`save_pages`], layers of earlier
-    /// versions).
-    pub packed: bool,
+    /// Where its pages are.
+    pub pages: &'a LayerPages,
 }
 
 impl Layer<'_> {
-    /// The runs of the layer's pages that no newer layer holds (`hidden`,
-    /// a bitmap like [`Layer::pages`]), each with the file offset of its
-    /// first page, in page order.
-    fn visible_runs(
-        &self,
-        total_pages: usize,
-        hidden: &[u64],
-    ) -> Vec<(std::ops::Range<usize>, u64)> {
-        let visible: Vec<u64> = self
-            .pages
-            .iter()
-            .enumerate()
-            .map(|(i, word)| word & !hidden.get(i).copied().unwrap_or(0))
-            .collect();
-        // In a packed layer, the number of its pages before each word's.
-        let before: Vec<u64> = self
-            .pages
-            .iter()
-            .scan(0u64, |count, word| {
-                let at = *count;
-                *count += u64::from(word.count_ones());
-                Some(at)
-            })
-            .collect();
-        runs(&visible, total_pages)
-            .into_iter()
-            .map(|run| {
-                let page = run.start;
-                let index = if self.packed {
-                    let below = self.pages[page / 64] & ((1u64 << (page % 64)) - 1);
-                    before[page / 64] + u64::from(below.count_ones())
-                } else {
-                    page as u64
+    /// The runs of the layer's pages that are not in `hidden` (sorted,
+    /// disjoint page ranges: those of newer layers), each with the file
+    /// offset of its first page, in page order.
+    fn visible_runs(&self, hidden: &[Range<usize>]) -> Vec<(Range<usize>, u64)> {
+        let mut visible = Vec::with_capacity(self.pages.runs.len());
+        let mut h = 0;
+        for (run, offset) in &self.pages.runs {
+            let mut page = run.start;
+            while page < run.end {
+                // Skip the hidden ranges that end before this page.
+                while h < hidden.len() && hidden[h].end <= page {
+                    h += 1;
+                }
+                let stop = match hidden.get(h) {
+                    Some(next) if next.start <= page => {
+                        page = next.end.min(run.end);
+                        continue;
+                    }
+                    Some(next) => next.start.min(run.end),
+                    None => run.end,
                 };
-                (run, index * PAGE_SIZE as u64)
-            })
-            .collect()
+                visible.push((page..stop, offset + ((page - run.start) * PAGE_SIZE) as u64));
+                page = stop;
+            }
+        }
+        visible
     }
 }
 
-/// How many of the first `total_pages` pages have their bit set in
-/// `pages`: a packed layer's file holds that many.
-pub fn page_count(pages: &[u64], total_pages: usize) -> usize {
-    runs(pages, total_pages).iter().map(|r| r.len()).sum()
+/// The union of two sets of sorted, disjoint page ranges, likewise.
+fn union(a: &[Range<usize>], b: impl Iterator<Item = Range<usize>>) -> Vec<Range<usize>> {
+    let mut all: Vec<Range<usize>> = a.iter().cloned().chain(b).collect();
+    all.sort_unstable_by_key(|r| r.start);
+    let mut merged: Vec<Range<usize>> = Vec::with_capacity(all.len());
+    for range in all {
+        match merged.last_mut() {
+            Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+            _ => merged.push(range),
+        }
+    }
+    merged
 }
 
 /// At most this many runs of a resume's memory layers are mapped (each
@@ -350,19 +436,13 @@ pub fn map_layers(
     layers: &[Layer<'_>],
     loading: Loading<'_>,
 ) -> io::Result<LayerStats> {
-    let total_pages = mem.iter().map(|r| r.len() as usize / PAGE_SIZE).sum();
     // Only the pages no newer layer holds: newest first, each hiding its
     // pages from the older ones. What is left does not overlap.
-    let mut hidden: Vec<u64> = Vec::new();
-    let mut all: Vec<Vec<(std::ops::Range<usize>, u64)>> = Vec::with_capacity(layers.len());
+    let mut hidden: Vec<Range<usize>> = Vec::new();
+    let mut all: Vec<Vec<(Range<usize>, u64)>> = Vec::with_capacity(layers.len());
     for layer in layers.iter().rev() {
-        all.push(layer.visible_runs(total_pages, &hidden));
-        if hidden.len() < layer.pages.len() {
-            hidden.resize(layer.pages.len(), 0);
-        }
-        for (word, page_bits) in hidden.iter_mut().zip(layer.pages) {
-            *word |= page_bits;
-        }
+        all.push(layer.visible_runs(&hidden));
+        hidden = union(&hidden, layer.pages.runs.iter().map(|(r, _)| r.clone()));
     }
     all.reverse();
     // The shortest run that is mapped: the longest runs fill the budget.
@@ -561,12 +641,11 @@ fn region_of(
 }
 
 /// The [`PageDigest`] of a layer's pages read back from its file, to
-/// compare with the one the pause recorded. `total_pages` bounds the
-/// bitmap.
-pub fn layer_digest(layer: Layer<'_>, total_pages: usize) -> io::Result<u32> {
+/// compare with the one the pause recorded.
+pub fn layer_digest(layer: Layer<'_>) -> io::Result<u32> {
     let mut digest = PageDigest::default();
     let mut buf = vec![0u8; 1 << 20];
-    for (run, offset) in layer.visible_runs(total_pages, &[]) {
+    for &(ref run, offset) in layer.pages.runs() {
         let mut page = run.start;
         while page < run.end {
             let n = (run.end - page).min(buf.len() / PAGE_SIZE);
@@ -582,10 +661,8 @@ pub fn layer_digest(layer: Layer<'_>, total_pages: usize) -> io::Result<u32> {
     Ok(digest.finish())
 }
 
-/// Maps `file` (as written by [`save_to_file`]) as `mem_size` bytes of
-/// guest memory, privately: pages load lazily on first access and guest
-/// writes never reach the file.
-pub fn map_file(file: &File, mem_size: u64) -> Result<GuestMemory, String> {
+/// Checks that the memory file `file` holds `mem_size` bytes.
+fn check_file_len(file: &File, mem_size: u64) -> Result<(), String> {
     let file_len = file
         .metadata()
         .map_err(|e| format!("cannot stat the memory file: {e}"))?
@@ -595,6 +672,14 @@ pub fn map_file(file: &File, mem_size: u64) -> Result<GuestMemory, String> {
             "the memory file holds {file_len} bytes, the machine has {mem_size}"
         ));
     }
+    Ok(())
+}
+
+/// Maps `file` (as written by [`save_to_file`]) as `mem_size` bytes of
+/// guest memory, privately: pages load lazily on first access and guest
+/// writes never reach the file.
+pub fn map_file(file: &File, mem_size: u64) -> Result<GuestMemory, String> {
+    check_file_len(file, mem_size)?;
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (start, len) in ram_ranges(mem_size) {
@@ -616,10 +701,156 @@ pub fn map_file(file: &File, mem_size: u64) -> Result<GuestMemory, String> {
     GuestMemory::from_regions(regions).map_err(|e| format!("invalid guest memory layout: {e}"))
 }
 
+/// Guest memory of `mem_size` bytes, anonymous and untouched (no RAM is
+/// used until the guest writes): for a machine to boot in, or to map a
+/// memory file over later ([`map_file_over`]).
+pub fn anonymous(mem_size: u64) -> Result<GuestMemory, String> {
+    let ranges: Vec<_> = ram_ranges(mem_size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    GuestMemory::from_ranges(&ranges).map_err(|e| e.to_string())
+}
+
+/// Maps `file` (as [`map_file`] does: privately, loaded lazily) over the
+/// whole of `mem`, memory made by [`anonymous`] for the file's size, at
+/// the same addresses: what KVM was told about it stays true. Call before
+/// the vCPUs and devices start (they would see the pages change).
+pub fn map_file_over(mem: &GuestMemory, file: &File) -> Result<(), String> {
+    let mem_size: u64 = mem.iter().map(|r| r.len()).sum();
+    check_file_len(file, mem_size)?;
+    let layout: Vec<(u64, u64)> = mem
+        .iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect();
+    if layout != ram_ranges(mem_size) {
+        return Err(format!(
+            "guest memory laid out as {layout:x?}, not as a machine's"
+        ));
+    }
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        // SAFETY: replaces the whole of one of `mem`'s own mappings
+        // (MAP_FIXED, same address and length), privately, with a file we
+        // hold open (the mapping keeps its own reference); `mem` unmaps
+        // the range when dropped. Nothing reads or writes guest memory
+        // until the vCPUs and devices start (the caller's promise), and
+        // pointers into it stay valid.
+        let mapped = unsafe {
+            libc::mmap(
+                region.as_ptr().cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                offset as libc::off_t,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(format!(
+                "cannot map {len} bytes of the memory file: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        offset += len as u64;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn layer_pages_follow_the_bitmap_and_newer_layers_hide_older_pages() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let file = tempfile::tempfile().unwrap();
+        for total in [1usize, 63, 64, 65, 200, 1000] {
+            for _ in 0..40 {
+                // Three layers, oldest first; bits beyond `total` set too
+                // (ignored). Dense and sparse words, runs across words.
+                let bitmaps: Vec<Vec<u64>> = (0..3)
+                    .map(|_| {
+                        (0..total.div_ceil(64))
+                            .map(|_| match random() % 4 {
+                                0 => 0,
+                                1 => !0,
+                                _ => random() & random(),
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let set = |bits: &[u64], page: usize| bits[page / 64] & (1 << (page % 64)) != 0;
+                for packed in [true, false] {
+                    let layers: Vec<LayerPages> = bitmaps
+                        .iter()
+                        .map(|bits| LayerPages::from_bitmap(bits, total, packed))
+                        .collect();
+                    for (bits, pages) in bitmaps.iter().zip(&layers) {
+                        // Each page with its file offset, as the bitmap says.
+                        let want: Vec<(usize, u64)> = (0..total)
+                            .filter(|&page| set(bits, page))
+                            .enumerate()
+                            .map(|(index, page)| {
+                                let at = if packed { index } else { page };
+                                (page, (at * PAGE_SIZE) as u64)
+                            })
+                            .collect();
+                        let got: Vec<(usize, u64)> = pages
+                            .runs()
+                            .iter()
+                            .flat_map(|(run, offset)| {
+                                run.clone().map(move |page| {
+                                    (page, offset + ((page - run.start) * PAGE_SIZE) as u64)
+                                })
+                            })
+                            .collect();
+                        assert_eq!(got, want, "{total} pages, packed {packed}");
+                        assert_eq!(pages.count(), want.len());
+                        assert!(
+                            pages.runs().windows(2).all(|w| w[0].0.end < w[1].0.start),
+                            "runs are sorted and as long as they can be"
+                        );
+                    }
+                    // As map_layers sees them: each page from the newest
+                    // layer holding it, at that layer's offset.
+                    let mut hidden = Vec::new();
+                    let mut owner = vec![None; total];
+                    for (index, pages) in layers.iter().enumerate().rev() {
+                        let layer = Layer { file: &file, pages };
+                        for (run, offset) in layer.visible_runs(&hidden) {
+                            for page in run.clone() {
+                                assert!(owner[page].is_none(), "page {page} twice");
+                                let at = offset + ((page - run.start) * PAGE_SIZE) as u64;
+                                owner[page] = Some((index, at));
+                            }
+                        }
+                        hidden = union(&hidden, pages.runs().iter().map(|(r, _)| r.clone()));
+                    }
+                    for (page, owner) in owner.iter().enumerate() {
+                        let newest = (0..3).rev().find(|&l| set(&bitmaps[l], page));
+                        assert_eq!(owner.map(|(l, _)| l), newest, "page {page}");
+                        if let (Some((l, at)), Some(_)) = (owner, newest) {
+                            let (run, offset) = layers[*l]
+                                .runs()
+                                .iter()
+                                .find(|(r, _)| r.contains(&page))
+                                .unwrap();
+                            assert_eq!(*at, offset + ((page - run.start) * PAGE_SIZE) as u64);
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn saved_memory_maps_back_with_holes_for_zero_pages() {
@@ -666,10 +897,10 @@ mod tests {
         let stats = save_layer(&mem, &layer, &pages).unwrap();
         assert_eq!(stats.written, 2 * PAGE_SIZE as u64);
         let back = map_file(&file, size as u64).unwrap();
+        let layer_pages = LayerPages::from_bitmap(&pages, size / PAGE_SIZE, true);
         let layer = Layer {
             file: &layer,
-            pages: &pages,
-            packed: true,
+            pages: &layer_pages,
         };
         let layers = [layer];
         assert_eq!(
@@ -681,7 +912,7 @@ mod tests {
             "short runs are copied"
         );
         assert_eq!(
-            layer_digest(layer, size / PAGE_SIZE).unwrap(),
+            layer_digest(layer).unwrap(),
             stats.digest,
             "the pages read back have the digest of the pages written"
         );
@@ -726,14 +957,14 @@ mod tests {
         let (old, old_bits) = layer(dir.path(), "old", &[(200..300, 1)]);
         // Newer: 10 pages over them (copied) and 20 at the start (mapped).
         let (new, new_bits) = layer(dir.path(), "new", &[(0..20, 3), (250..260, 2)]);
-        let sparse = |file, pages| Layer {
-            file,
-            pages,
-            packed: false,
-        };
+        let (old_bits, new_bits) = (
+            LayerPages::from_bitmap(&old_bits, 512, false),
+            LayerPages::from_bitmap(&new_bits, 512, false),
+        );
+        let sparse = |file, pages| Layer { file, pages };
         let stats = map_layers(
             &mem,
-            &[sparse(&old, &old_bits[..]), sparse(&new, &new_bits[..])],
+            &[sparse(&old, &old_bits), sparse(&new, &new_bits)],
             Loading::Now,
         )
         .unwrap();
@@ -786,7 +1017,7 @@ mod tests {
             digest.add(page as u64, &[if page < 20 { 3 } else { 2 }; PAGE_SIZE]);
         }
         assert_eq!(
-            layer_digest(sparse(&new, &new_bits), 512).unwrap(),
+            layer_digest(sparse(&new, &new_bits)).unwrap(),
             digest.finish()
         );
     }
@@ -826,7 +1057,8 @@ mod tests {
         assert_eq!(stats.total, 512 * PAGE_SIZE as u64);
         assert_eq!(stats.written, len);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
-        assert_eq!(page_count(&bits, 512), dirty.len());
+        let pages = LayerPages::from_bitmap(&bits, 512, true);
+        assert_eq!(pages.count(), dirty.len());
         let mut digest = PageDigest::default();
         for &page in &dirty {
             let value = if page == 100 { 0 } else { page as u8 | 1 };
@@ -835,10 +1067,9 @@ mod tests {
         assert_eq!(stats.digest, digest.finish());
         let layer = Layer {
             file: &file,
-            pages: &bits,
-            packed: true,
+            pages: &pages,
         };
-        assert_eq!(layer_digest(layer, 512).unwrap(), stats.digest);
+        assert_eq!(layer_digest(layer).unwrap(), stats.digest);
         // Over memory full of 0xff: the layer's pages come back, the rest
         // is untouched.
         let back = GuestMemory::from_ranges(&ranges).unwrap();
@@ -874,10 +1105,10 @@ mod tests {
         let path = dir.path().join("long");
         let file = crate::fsutil::create_new_rw(&path).unwrap();
         save_layer(&mem, &file, &long).unwrap();
+        let long = LayerPages::from_bitmap(&long, 512, true);
         let layer = Layer {
             file: &file,
             pages: &long,
-            packed: true,
         };
         let stats = map_layers(&back, &[layer], Loading::Now).unwrap();
         assert_eq!(stats.runs_mapped, 1);
@@ -915,11 +1146,12 @@ mod tests {
         let mid_file = save("mid", &mid);
         let new = fill(3, &[30..35, 100..101]);
         let new_file = save("new", &new);
-        let layer = |file, pages| Layer {
-            file,
-            pages,
-            packed: true,
-        };
+        let (old, mid, new) = (
+            LayerPages::from_bitmap(&old, pages, true),
+            LayerPages::from_bitmap(&mid, pages, true),
+            LayerPages::from_bitmap(&new, pages, true),
+        );
+        let layer = |file, pages| Layer { file, pages };
         let back = GuestMemory::from_ranges(&[(GuestAddress(0), pages * PAGE_SIZE)]).unwrap();
         let stats = map_layers(
             &back,
@@ -979,16 +1211,18 @@ mod tests {
         let (old, old_bits) = layer_of("old", 0xa0, &[10..12, 30..31, 40..80, 90..93, 400..402]);
         let (new, new_bits) = layer_of("new", 0xb0, &[11..12, 95..96, 300..303]);
         let back = map_file(&base, size as u64).unwrap();
+        let (old_bits, new_bits) = (
+            LayerPages::from_bitmap(&old_bits, pages, true),
+            LayerPages::from_bitmap(&new_bits, pages, true),
+        );
         let layers = [
             Layer {
                 file: &old,
                 pages: &old_bits,
-                packed: true,
             },
             Layer {
                 file: &new,
                 pages: &new_bits,
-                packed: true,
             },
         ];
         let stats = map_layers(&back, &layers, Loading::Lazily { base: &base }).unwrap();

@@ -9,10 +9,10 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::layout::{ram_ranges, KVM_TSS_ADDRESS};
+use super::layout::KVM_TSS_ADDRESS;
 use super::memory::GuestMemory;
 
 /// Errors creating or configuring the VM.
@@ -120,11 +120,30 @@ impl EmptyVm {
         }
         Ok(Vm { kvm, fd, mem })
     }
+
+    /// Gives the VM `mem_size` bytes of anonymous, untouched memory (see
+    /// [`memory::anonymous`](super::memory::anonymous)).
+    pub fn with_anonymous_memory(self, mem_size: u64) -> Result<Vm, VmError> {
+        let mem = super::memory::anonymous(mem_size).map_err(|reason| VmError::Memory {
+            size_mib: mem_size >> 20,
+            reason,
+        })?;
+        self.with_memory(mem)
+    }
 }
 
-/// Keeps one [`EmptyVm`] made ahead of time, so that a restore does not wait
-/// for KVM to create the VM and its PIT: [`take`](Self::take) hands it out
-/// and makes the next one on a thread of its own.
+/// Keeps one VM made ahead of time, so that a restore waits neither for
+/// KVM to create the VM and its PIT nor for it to register the guest
+/// memory (which takes longer the more memory there is: KVM allocates and
+/// clears its page bookkeeping). [`take`](Self::take) hands it out and
+/// makes the next one on a thread of its own, with anonymous memory of the
+/// size just taken registered (a runtime mostly starts sandboxes of one
+/// size), over which the restore maps its memory file
+/// ([`memory::map_file_over`](super::memory::map_file_over)).
+///
+/// The spare costs no guest RAM (its memory is untouched), only KVM's
+/// bookkeeping for it: about 0.2 % of its size on a host without
+/// two-dimensional paging (PVM), less with it.
 pub struct SpareVm {
     kvm_path: PathBuf,
     slot: Mutex<SpareSlot>,
@@ -132,34 +151,59 @@ pub struct SpareVm {
 
 #[derive(Default)]
 struct SpareSlot {
-    vm: Option<EmptyVm>,
+    vm: Option<Spare>,
     /// A thread is making the next spare.
     filling: bool,
 }
 
+enum Spare {
+    Empty(EmptyVm),
+    WithMemory(Vm),
+}
+
+/// What [`SpareVm::take`] hands out.
+pub enum TakenVm {
+    /// A VM with anonymous memory of the size asked for registered: map
+    /// the memory file over it.
+    WithMemory(Vm),
+    /// A VM without memory: give it some ([`EmptyVm::with_memory`]).
+    Empty(EmptyVm),
+}
+
 impl SpareVm {
-    /// Starts making the first spare VM.
+    /// Starts making the first spare VM (without memory: its size is
+    /// known at the first take).
     pub fn new(kvm_path: PathBuf) -> Arc<SpareVm> {
         let spare = Arc::new(SpareVm {
             kvm_path,
             slot: Mutex::default(),
         });
-        spare.refill(&mut spare.slot());
+        spare.refill(&mut spare.slot(), None);
         spare
     }
 
-    /// The spare VM, or a new one made now if there is none (it is still
-    /// being made, or making it failed: then this reports why).
-    pub fn take(self: &Arc<Self>) -> Result<EmptyVm, VmError> {
+    /// A VM for a machine with `mem_size` bytes of memory: the spare, or
+    /// a new one made now if there is none (it is still being made, or
+    /// making it failed: then this reports why). The next spare will have
+    /// `mem_size` bytes registered.
+    pub fn take(self: &Arc<Self>, mem_size: u64) -> Result<TakenVm, VmError> {
         let spare = {
             let mut slot = self.slot();
             let spare = slot.vm.take();
-            self.refill(&mut slot);
+            self.refill(&mut slot, Some(mem_size));
             spare
         };
         match spare {
-            Some(vm) => Ok(vm),
-            None => EmptyVm::new(&self.kvm_path),
+            Some(Spare::WithMemory(vm)) if vm.memory_size() == mem_size => {
+                Ok(TakenVm::WithMemory(vm))
+            }
+            Some(Spare::WithMemory(vm)) => {
+                // Memory of another size cannot be unregistered quickly.
+                super::drop_in_background(Box::new(vm));
+                EmptyVm::new(&self.kvm_path).map(TakenVm::Empty)
+            }
+            Some(Spare::Empty(vm)) => Ok(TakenVm::Empty(vm)),
+            None => EmptyVm::new(&self.kvm_path).map(TakenVm::Empty),
         }
     }
 
@@ -167,10 +211,11 @@ impl SpareVm {
         self.slot.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Makes a spare VM on a new thread, unless one is being made. The
-    /// thread holds only a weak reference: a spare made for a runtime that
-    /// is gone is dropped.
-    fn refill(self: &Arc<Self>, slot: &mut SpareSlot) {
+    /// Makes a spare VM (with `mem_size` bytes of memory registered, if
+    /// given) on a new thread, unless one is being made. The thread holds
+    /// only a weak reference: a spare made for a runtime that is gone is
+    /// dropped.
+    fn refill(self: &Arc<Self>, slot: &mut SpareSlot, mem_size: Option<u64>) {
         if slot.filling {
             return;
         }
@@ -179,7 +224,10 @@ impl SpareVm {
         let spawned = std::thread::Builder::new()
             .name("dormouse-spare-vm".into())
             .spawn(move || {
-                let made = EmptyVm::new(&kvm_path);
+                let made = EmptyVm::new(&kvm_path).and_then(|vm| match mem_size {
+                    None => Ok(Spare::Empty(vm)),
+                    Some(size) => vm.with_anonymous_memory(size).map(Spare::WithMemory),
+                });
                 let Some(this) = this.upgrade() else {
                     return;
                 };
@@ -210,18 +258,7 @@ impl Vm {
     /// with `mem_size` bytes of anonymous guest memory, an in-kernel
     /// IOAPIC/PIC/LAPIC and a PIT.
     pub fn new(kvm_path: &Path, mem_size: u64) -> Result<Vm, VmError> {
-        let kvm = open_kvm(kvm_path)?;
-        let mem = GuestMemory::from_ranges(
-            &ram_ranges(mem_size)
-                .into_iter()
-                .map(|(start, len)| (GuestAddress(start), len as usize))
-                .collect::<Vec<_>>(),
-        )
-        .map_err(|e| VmError::Memory {
-            size_mib: mem_size >> 20,
-            reason: e.to_string(),
-        })?;
-        Self::with_memory(kvm, mem)
+        EmptyVm::new(kvm_path)?.with_anonymous_memory(mem_size)
     }
 
     /// Creates a VM over already-populated guest memory.
@@ -242,6 +279,11 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
+    }
+
+    /// Bytes of guest memory.
+    pub fn memory_size(&self) -> u64 {
+        self.mem.iter().map(|r| r.len()).sum()
     }
 
     /// The pages written since the last call (or since the VM was created),
@@ -288,31 +330,66 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn a_spare_vm_is_made_ahead_and_errors_reach_the_taker() {
         // Without KVM every take says why, spare or not.
         let none = SpareVm::new(PathBuf::from("/nonexistent/kvm"));
         for _ in 0..2 {
-            assert!(matches!(none.take(), Err(VmError::KvmUnavailable(_))));
+            assert!(matches!(
+                none.take(1 << 20),
+                Err(VmError::KvmUnavailable(_))
+            ));
         }
         if !Path::new("/dev/kvm").exists() {
             crate::vmm::tests::skip_unless_ci("the rest of this test", "no /dev/kvm");
             return;
         }
         let spare = SpareVm::new(PathBuf::from("/dev/kvm"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while spare.slot().vm.is_none() {
-            assert!(std::time::Instant::now() < deadline, "no spare VM made");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        // The spare, then one made at once while the next is being made.
-        let first = spare.take().unwrap();
-        let second = spare.take().unwrap();
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let vm = first.with_memory(mem.clone()).unwrap();
-        assert_eq!(vm.memory().iter().count(), 1);
+        let wait_for_spare = |spare: &Arc<SpareVm>| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while spare.slot().vm.is_none() {
+                assert!(std::time::Instant::now() < deadline, "no spare VM made");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        wait_for_spare(&spare);
+        // The first spare has no memory (no size known yet); the second
+        // take finds none ready and makes one at once.
+        let size = 2 << 20;
+        let Ok(TakenVm::Empty(first)) = spare.take(size) else {
+            panic!("the first spare has memory");
+        };
+        let Ok(TakenVm::Empty(second)) = spare.take(size) else {
+            panic!("a VM made at once has memory");
+        };
+        let vm = first.with_anonymous_memory(size).unwrap();
+        assert_eq!(vm.memory_size(), size);
         drop(second);
+        // The next spare has memory of the size last taken, registered:
+        // a memory file goes over it, and KVM logs dirty pages of it.
+        wait_for_spare(&spare);
+        let Ok(TakenVm::WithMemory(vm)) = spare.take(size) else {
+            panic!("the spare has no memory");
+        };
+        assert_eq!(vm.memory_size(), size);
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"from the file", 0x1000).unwrap();
+        crate::vmm::memory::map_file_over(vm.memory(), &file).unwrap();
+        let mut read = [0u8; 13];
+        vm.memory()
+            .read_slice(&mut read, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(&read, b"from the file");
+        assert!(vm.take_dirty_pages().unwrap().iter().all(|&w| w == 0));
+        let short = tempfile::tempfile().unwrap();
+        short.set_len(size / 2).unwrap();
+        assert!(crate::vmm::memory::map_file_over(vm.memory(), &short).is_err());
+        // A spare of another size is not handed out.
+        wait_for_spare(&spare);
+        assert!(matches!(spare.take(size * 2), Ok(TakenVm::Empty(_))));
         // Weak: the spare being made dies with its owner.
         drop(spare);
     }
