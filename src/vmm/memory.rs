@@ -140,7 +140,7 @@ pub fn save_pages(mem: &GuestMemory, file: &File, pages: Option<&[u64]>) -> io::
 pub fn save_layer(mem: &GuestMemory, file: &File, pages: &[u64]) -> io::Result<SaveStats> {
     let total_pages = mem.iter().map(|r| r.len() as usize / PAGE_SIZE).sum();
     let mut segments: Vec<(usize, &[u8])> = Vec::new();
-    for run in runs(pages, total_pages) {
+    for (run, _) in LayerPages::from_bitmap(pages, total_pages, true).runs() {
         let mut page = run.start;
         while page < run.end {
             let (_, region, first_page) = region_of(mem, page)?;
@@ -384,33 +384,6 @@ pub const MAX_LAZY_WINDOWS: usize = 1024;
 /// pages between them are then loaded through it too, no longer shared
 /// with the base file's page cache).
 const MAX_WINDOW_GAP: usize = 512;
-
-/// The runs of set bits in `pages` (one bit per page), as page ranges.
-fn runs(pages: &[u64], count: usize) -> Vec<std::ops::Range<usize>> {
-    let set = |page: usize| {
-        pages
-            .get(page / 64)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
-    };
-    let mut out = Vec::new();
-    let mut page = 0;
-    while page < count {
-        if pages.get(page / 64) == Some(&0) {
-            page = (page / 64 + 1) * 64; // skip empty words
-            continue;
-        }
-        if !set(page) {
-            page += 1;
-            continue;
-        }
-        let start = page;
-        while page < count && set(page) {
-            page += 1;
-        }
-        out.push(start..page);
-    }
-    out
-}
 
 /// A short run of a layer (within one region) that is not mapped.
 #[derive(Clone)]
