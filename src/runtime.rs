@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::info::{self, ListQuery, SandboxInfo, SandboxPage, SandboxState, SnapshotInfo};
-use crate::sandbox::{self, Live, Paused, Running, Sandbox, SandboxConfig, SandboxId};
+use crate::sandbox::{self, Live, Paused, Restored, Running, Sandbox, SandboxConfig, SandboxId};
 use crate::snapshot::{self as snap, SandboxRecord};
 use crate::template::Template;
 use crate::vmm::cpu::{HostKind, HostProfile};
@@ -778,8 +778,12 @@ fn current_info(dir: &Path) -> Option<SandboxInfo> {
     Some(info)
 }
 
-/// Starts `n` sandboxes from the snapshot directory `dir` concurrently;
-/// if any fails, kills the others and returns its error.
+/// Starts `n` sandboxes from the snapshot in `dir`: makes every sandbox's
+/// directory, then restores every machine with its vCPUs parked, one after
+/// another, and only then starts the guests (all at once) and waits for
+/// their agents. So no restore competes for the CPU with a guest that
+/// already runs (on a PVM host a starting guest keeps a core busy). If one
+/// fails, the others are killed and its error returned.
 pub(crate) async fn start_many(
     rt: &Arc<RuntimeInner>,
     dir: PathBuf,
@@ -787,22 +791,49 @@ pub(crate) async fn start_many(
     template: Option<String>,
     config: SandboxConfig,
 ) -> Result<Vec<Sandbox<Running>>> {
-    let starts = (0..n)
-        .map(|_| Sandbox::start_from(rt.clone(), dir.clone(), template.clone(), config.clone()));
-    let mut started = Vec::with_capacity(n);
+    let prepares = (0..n).map(|_| {
+        Sandbox::<Paused>::prepare_from(rt.clone(), dir.clone(), template.clone(), config.clone())
+    });
+    let mut prepared = Vec::with_capacity(n);
     let mut first_error = None;
-    for result in crate::services::join_all(starts).await {
+    for result in crate::services::join_all(prepares).await {
         match result {
-            Ok(sbx) => started.push(sbx),
+            Ok(sandbox) => prepared.push(sandbox),
             Err(e) => {
                 first_error.get_or_insert(e);
             }
         }
     }
-    if let Some(e) = first_error {
-        for sbx in started {
-            let _ = sbx.kill().await;
+    let mut restored = Vec::with_capacity(n);
+    let mut prepared = prepared.into_iter();
+    if first_error.is_none() {
+        for (paused, took) in prepared.by_ref() {
+            match paused.restore_parked(took).await {
+                Ok(sandbox) => restored.push(sandbox),
+                Err(e) => {
+                    first_error = Some(e.discard().await);
+                    break;
+                }
+            }
         }
+    }
+    if let Some(e) = first_error {
+        crate::services::join_all(prepared.map(|(paused, _)| paused.kill())).await;
+        crate::services::join_all(restored.into_iter().map(Restored::discard)).await;
+        return Err(e);
+    }
+    let mut started = Vec::with_capacity(n);
+    for result in crate::services::join_all(restored.into_iter().map(|r| r.run(None))).await {
+        match result {
+            Ok(sandbox) => started.push(sandbox),
+            Err(e) => {
+                let error = e.discard().await;
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        crate::services::join_all(started.into_iter().map(Sandbox::<Running>::kill)).await;
         return Err(e);
     }
     Ok(started)

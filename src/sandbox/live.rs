@@ -463,7 +463,17 @@ impl SnapshotJob {
             (None, _) => snapshot::MemoryWrite::Full,
         };
         let dir = &self.dir;
+        let machine: &Machine = machine;
         let seal = |generation| {
+            // Reading guest memory may have found a page that cannot be
+            // loaded (the guest stopped then): what was written is wrong.
+            if let Some(reason) = machine.stop_reason() {
+                return Err(snapshot::SnapshotError::Io {
+                    what: "save the memory of",
+                    path: dir.to_owned(),
+                    source: std::io::Error::other(reason.to_string()),
+                });
+            }
             let Some(disk) = &self.disk else {
                 return Ok(None);
             };

@@ -31,6 +31,7 @@ use crate::vmm::cpu::HostProfile;
 use crate::vmm::devices::virtio::block::Block;
 use crate::vmm::devices::virtio::vsock::{Vsock, VsockConnector};
 use crate::vmm::devices::virtio::VirtioDevice;
+use crate::vmm::lazy::LoadFailure;
 use crate::vmm::vm::TakenVm;
 use crate::vmm::{memory, Machine, MachineConfig, MachineError, RestoreConfig};
 
@@ -675,57 +676,26 @@ impl Sandbox<Running> {
         template: Option<String>,
         config: SandboxConfig,
     ) -> Result<Sandbox<Running>> {
-        config.check()?;
-        let started = Instant::now();
-        let (id, dir, lock, guard) = new_sandbox_dir(&rt).await?;
-        let paused = {
-            let (rt, id, dir) = (rt.clone(), id.clone(), dir.clone());
-            tokio::task::spawn_blocking(move || -> Result<Sandbox<Paused>> {
-                let source_manifest = snapshot::read_manifest(&source)?;
-                let record = SandboxRecord {
-                    id: id.to_string(),
-                    ..source_manifest.sandbox
-                };
-                snapshot::copy_to(&source, &dir, record)?;
-                let now = now_ms();
-                let paused = Sandbox::<Paused>::with_lock(rt, id, dir, lock)?;
-                {
-                    let mut st = paused.inner.live.st();
-                    st.info.metadata = config.metadata;
-                    st.info.created_at_ms = now;
-                    st.info.started_at_ms = now;
-                    st.info.paused_at_ms = None;
-                    st.info.timeout_ms = config.timeout.as_millis() as u64;
-                    st.info.auto_pause = config.auto_pause;
-                    st.info.env = config.env;
-                    st.info.cwd = config.cwd;
-                    if let Some(template) = template {
-                        st.info.template = template;
-                    }
-                    st.save_info(&paused.inner.live.dir)?;
-                }
-                Ok(paused)
-            })
-            .await
-            .map_err(|e| join_error("create", e))??
+        let (paused, prepared) =
+            Sandbox::<Paused>::prepare_from(rt, source, template, config).await?;
+        let restored = match paused.restore_parked(prepared).await {
+            Ok(restored) => restored,
+            Err(e) => return Err(e.discard().await),
         };
-        std::mem::forget(guard); // `paused` owns the directory now
-        let prepared = started.elapsed();
-        match paused.resume().await {
-            Ok(mut sandbox) => {
-                if let Some(timings) = &mut sandbox.inner.timings {
-                    timings.prepare = prepared;
-                }
-                Ok(sandbox)
-            }
-            Err(e) => {
-                if let Some(paused) = e.sandbox {
-                    // Never ran as itself: nothing to keep.
-                    let _ = paused.kill().await;
-                }
-                Err(e.error)
-            }
+        match restored.run(None).await {
+            Ok(sandbox) => Ok(sandbox),
+            Err(e) => Err(e.discard().await),
         }
+    }
+
+    /// Lets the vCPUs of a machine just restored run.
+    fn start_vcpus(&self) -> Result<()> {
+        let mut st = self.inner.live.st();
+        let machine = st
+            .machine
+            .as_mut()
+            .expect("a restored sandbox has its machine");
+        Ok(machine.resume()?)
     }
 
     /// The console's last lines (none while a transition has the machine).
@@ -1120,6 +1090,50 @@ impl Sandbox<Running> {
 }
 
 impl Sandbox<Paused> {
+    /// A new sandbox, paused, made from the snapshot in `source` (memory
+    /// files linked, disk overlay copied) with `config`, and how long that
+    /// took.
+    pub(crate) async fn prepare_from(
+        rt: Arc<RuntimeInner>,
+        source: PathBuf,
+        template: Option<String>,
+        config: SandboxConfig,
+    ) -> Result<(Sandbox<Paused>, Duration)> {
+        config.check()?;
+        let started = Instant::now();
+        let (id, dir, lock, guard) = new_sandbox_dir(&rt).await?;
+        let paused = tokio::task::spawn_blocking(move || -> Result<Sandbox<Paused>> {
+            let source_manifest = snapshot::read_manifest(&source)?;
+            let record = SandboxRecord {
+                id: id.to_string(),
+                ..source_manifest.sandbox
+            };
+            snapshot::copy_to(&source, &dir, record)?;
+            let now = now_ms();
+            let paused = Sandbox::<Paused>::with_lock(rt, id, dir, lock)?;
+            {
+                let mut st = paused.inner.live.st();
+                st.info.metadata = config.metadata;
+                st.info.created_at_ms = now;
+                st.info.started_at_ms = now;
+                st.info.paused_at_ms = None;
+                st.info.timeout_ms = config.timeout.as_millis() as u64;
+                st.info.auto_pause = config.auto_pause;
+                st.info.env = config.env;
+                st.info.cwd = config.cwd;
+                if let Some(template) = template {
+                    st.info.template = template;
+                }
+                st.save_info(&paused.inner.live.dir)?;
+            }
+            Ok(paused)
+        })
+        .await
+        .map_err(|e| join_error("create", e))??;
+        std::mem::forget(guard); // `paused` owns the directory now
+        Ok((paused, started.elapsed()))
+    }
+
     /// A handle on the paused sandbox `id` of the runtime.
     pub(crate) fn open(rt: Arc<RuntimeInner>, id: &str) -> Result<Sandbox<Paused>> {
         let (id, dir, lock) = lock_existing(&rt, id)?;
@@ -1234,9 +1248,22 @@ impl Sandbox<Paused> {
     }
 
     async fn resume_for(
-        mut self,
+        self,
         timeout: Option<Duration>,
     ) -> std::result::Result<Sandbox<Running>, ResumeError> {
+        self.restore_parked(Duration::ZERO)
+            .await?
+            .run(timeout)
+            .await
+    }
+
+    /// Restores the machine, its vCPUs parked: [`Restored::run`] starts
+    /// them. `prepare` is how long making the sandbox's directory took
+    /// (zero for a resume).
+    pub(crate) async fn restore_parked(
+        mut self,
+        prepare: Duration,
+    ) -> std::result::Result<Restored, ResumeError> {
         let started = Instant::now();
         let check = match self.restore().await {
             Ok(check) => check,
@@ -1247,45 +1274,20 @@ impl Sandbox<Paused> {
                 })
             }
         };
-        let mut running = Sandbox::<Running> {
+        let sandbox = Sandbox::<Running> {
             inner: self.inner,
             _state: PhantomData,
         };
-        running.inner.live.st().delete_on_drop = true;
-        let restored = started.elapsed();
-        // The base memory file is checked while the guest starts; the
-        // sandbox is handed out only if its memory is what was paused.
-        let agent = running.wait_for_agent(RESUME_TIMEOUT).await;
-        let ready = match (agent, check) {
-            (Err(error), check) => {
-                if let Some(check) = check {
-                    check.abort();
-                }
-                Err(error)
-            }
-            (Ok(()), None) => Ok(()),
-            (Ok(()), Some(check)) => match check.await {
-                Ok(result) => result,
-                Err(e) => Err(join_error("check the memory file", e)),
+        sandbox.inner.live.st().delete_on_drop = true;
+        Ok(Restored {
+            sandbox,
+            check,
+            timings: StartTimings {
+                prepare,
+                restore: started.elapsed(),
+                agent: Duration::ZERO,
             },
-        };
-        match ready {
-            Ok(()) => {
-                running.inner.timings = Some(StartTimings {
-                    prepare: Duration::ZERO,
-                    restore: restored,
-                    agent: started.elapsed() - restored,
-                });
-                running.inner.start_running(timeout);
-                Ok(running)
-            }
-            // Stop the guest and forget what it did since the restore: the
-            // snapshot (disk included) is still the one it was resumed from.
-            Err(error) => Err(ResumeError {
-                sandbox: Some(running.back_to_snapshot().await),
-                error,
-            }),
-        }
+        })
     }
 
     /// Builds the machine from the snapshot. The snapshot stays as it is
@@ -1316,6 +1318,7 @@ impl Sandbox<Paused> {
                 path: dir.join(&manifest.memory[0].file),
                 reason,
             };
+            let load_failure = Arc::new(LoadFailure::default());
             let taken = spare_vm
                 .take(manifest.memory_len)
                 .map_err(MachineError::from)?;
@@ -1324,8 +1327,14 @@ impl Sandbox<Paused> {
                 // registered already; the file goes over it.
                 TakenVm::WithMemory(vm) => {
                     memory::map_file_over(vm.memory(), &files.base).map_err(corrupt_base)?;
-                    let parts =
-                        restore_devices(&dir, &rootfs, vm.memory(), &files, manifest.disk_layer);
+                    let parts = restore_devices(
+                        &dir,
+                        &rootfs,
+                        vm.memory(),
+                        &files,
+                        manifest.disk_layer,
+                        &load_failure,
+                    );
                     (Ok(vm), parts)
                 }
                 // KVM takes its time to register the memory (the more, the
@@ -1338,8 +1347,14 @@ impl Sandbox<Paused> {
                         let vm = std::thread::Builder::new()
                             .name("dormouse-restore".into())
                             .spawn_scoped(scope, || empty_vm.with_memory(memory.clone()));
-                        let parts =
-                            restore_devices(&dir, &rootfs, &memory, &files, manifest.disk_layer);
+                        let parts = restore_devices(
+                            &dir,
+                            &rootfs,
+                            &memory,
+                            &files,
+                            manifest.disk_layer,
+                            &load_failure,
+                        );
                         let vm = match vm {
                             Ok(thread) => thread
                                 .join()
@@ -1364,6 +1379,7 @@ impl Sandbox<Paused> {
                     vm: vm?,
                     console_log: dir.join("console.log"),
                     devices,
+                    load_failure: Some(load_failure),
                 },
                 &state,
             );
@@ -1425,6 +1441,86 @@ impl Sandbox<Paused> {
     }
 }
 
+/// A sandbox whose machine is restored and whose vCPUs are parked (see
+/// [`Sandbox::restore_parked`]): many can be restored before any guest
+/// runs and competes with the restores for the CPU.
+pub(crate) struct Restored {
+    sandbox: Sandbox<Running>,
+    /// The check of the memory files (see [`Sandbox::restore`]).
+    check: Option<tokio::task::JoinHandle<Result<()>>>,
+    timings: StartTimings,
+}
+
+impl Restored {
+    /// Starts the vCPUs and waits for the agent: the sandbox runs, its
+    /// timeout (the one it was created with, or `timeout`) started. On
+    /// failure the guest is stopped and the sandbox handed back paused at
+    /// its snapshot, as it was.
+    pub(crate) async fn run(
+        self,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<Sandbox<Running>, ResumeError> {
+        let Restored {
+            mut sandbox,
+            check,
+            mut timings,
+        } = self;
+        let started = Instant::now();
+        // The base memory file is checked while the guest starts; the
+        // sandbox is handed out only if its memory is what was paused.
+        let agent = match sandbox.start_vcpus() {
+            Ok(()) => sandbox.wait_for_agent(RESUME_TIMEOUT).await,
+            Err(error) => Err(error),
+        };
+        let ready = match (agent, check) {
+            (Err(error), check) => {
+                if let Some(check) = check {
+                    check.abort();
+                }
+                Err(error)
+            }
+            (Ok(()), None) => Ok(()),
+            (Ok(()), Some(check)) => match check.await {
+                Ok(result) => result,
+                Err(e) => Err(join_error("check the memory file", e)),
+            },
+        };
+        match ready {
+            Ok(()) => {
+                timings.agent = started.elapsed();
+                sandbox.inner.timings = Some(timings);
+                sandbox.inner.start_running(timeout);
+                Ok(sandbox)
+            }
+            // Stop the guest and forget what it did since the restore: the
+            // snapshot (disk included) is still the one it was resumed from.
+            Err(error) => Err(ResumeError {
+                sandbox: Some(sandbox.back_to_snapshot().await),
+                error,
+            }),
+        }
+    }
+
+    /// Kills the sandbox (when it never ran as itself: nothing to keep).
+    pub(crate) async fn discard(self) {
+        if let Some(check) = self.check {
+            check.abort();
+        }
+        let _ = self.sandbox.kill().await;
+    }
+}
+
+impl ResumeError {
+    /// Kills the sandbox handed back, if any (one that never ran as
+    /// itself: nothing to keep), and gives the error.
+    pub(crate) async fn discard(self) -> Error {
+        if let Some(paused) = self.sandbox {
+            let _ = paused.kill().await;
+        }
+        self.error
+    }
+}
+
 /// The devices of a restored machine, and the host's handles on them.
 struct RestoredDevices {
     devices: Vec<Box<dyn VirtioDevice>>,
@@ -1434,17 +1530,22 @@ struct RestoredDevices {
 
 /// The devices of a machine restored from the snapshot in `dir` (the guest
 /// disk over `rootfs`, vsock with its connections reset), after putting the
-/// snapshot's memory layers over `memory`.
+/// snapshot's memory layers over `memory` (a page loaded later that
+/// cannot be read is reported to `failure`).
 fn restore_devices(
     dir: &Path,
     rootfs: &Path,
     memory: &memory::GuestMemory,
     files: &snapshot::MemoryFiles,
     disk_layer: Option<crate::disk::SealedLayer>,
+    failure: &Arc<LoadFailure>,
 ) -> Result<RestoredDevices> {
     let layers: Vec<memory::Layer<'_>> =
         files.layers.iter().map(|layer| layer.as_layer()).collect();
-    let loading = memory::Loading::Lazily { base: &files.base };
+    let loading = memory::Loading::Lazily {
+        base: &files.base,
+        failure,
+    };
     let stats = memory::map_layers(memory, &layers, loading).map_err(|source| {
         snapshot::SnapshotError::Io {
             what: "map the memory layers of",

@@ -20,6 +20,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 
 use super::memory::PAGE_SIZE;
 
@@ -192,17 +193,77 @@ pub struct Window {
     pub pages: Range<usize>,
 }
 
+/// Where the thread filling guest memory reports a page whose data it
+/// cannot read (the memory file went bad after the resume checked it).
+/// Whoever watches it ([`on_failure`](Self::on_failure): the machine)
+/// stops the guest for good, so that no guest runs on, and no pause
+/// saves, memory that is not what was paused.
+#[derive(Default)]
+pub struct LoadFailure(Mutex<FailureState>);
+
+type FailureWatcher = Box<dyn Fn(&str) + Send>;
+
+#[derive(Default)]
+struct FailureState {
+    reason: Option<String>,
+    watcher: Option<FailureWatcher>,
+}
+
+impl LoadFailure {
+    fn state(&self) -> std::sync::MutexGuard<'_, FailureState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the first failure and tells the watcher.
+    pub fn report(&self, reason: String) {
+        let mut state = self.state();
+        if state.reason.is_some() {
+            return;
+        }
+        if let Some(watcher) = &state.watcher {
+            watcher(&reason);
+        }
+        state.reason = Some(reason);
+    }
+
+    /// Calls `watcher` with the failure: now if there was one, else when
+    /// one is reported.
+    pub fn on_failure(&self, watcher: FailureWatcher) {
+        let mut state = self.state();
+        if let Some(reason) = &state.reason {
+            watcher(reason);
+        }
+        state.watcher = Some(watcher);
+    }
+
+    /// The failure, if one was reported.
+    pub fn reason(&self) -> Option<String> {
+        self.state().reason.clone()
+    }
+}
+
+impl std::fmt::Debug for LoadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LoadFailure").field(&self.reason()).finish()
+    }
+}
+
 /// Starts the thread that fills `windows` (each registered with `uffd`):
 /// a page that is touched at once, the others in the background, in
 /// address order, between faults. A page comes from the piece holding it
 /// (`pieces`, non-overlapping), else from `files[base]` at the page's own
-/// offset. The thread ends when every window is unmapped.
+/// offset. The thread ends when every window is unmapped. A page it
+/// cannot read is reported to `failure` (and filled with zeros, for
+/// whoever waits for it must not wait forever: the guest is stopped).
 pub fn serve(
     uffd: Userfaultfd,
     mut windows: Vec<Window>,
     mut pieces: Vec<Piece>,
     files: Vec<File>,
     base: usize,
+    failure: Arc<LoadFailure>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     windows.sort_by_key(|w| w.addr);
     pieces.sort_by_key(|p| p.pages.start);
@@ -217,7 +278,7 @@ pub fn serve(
         mapped,
         next,
         buf: vec![0; BACKGROUND_PAGES.max(FAULT_PAGES) * PAGE_SIZE],
-        read_failed: false,
+        failure,
     };
     std::thread::Builder::new()
         .name("dormouse-pages".into())
@@ -241,7 +302,7 @@ struct Server {
     /// Where the background fill goes on: a window and a page in it.
     next: Option<(usize, usize)>,
     buf: Vec<u8>,
-    read_failed: bool,
+    failure: Arc<LoadFailure>,
 }
 
 /// How a fill ended.
@@ -371,14 +432,12 @@ impl Server {
         let pages = pages.min(last - page).min(max);
         let len = pages * PAGE_SIZE;
         if let Err(e) = read_retrying(&self.files[file], &mut self.buf[..len], offset) {
-            // The page cannot stay missing (whoever touched it would wait
-            // forever); the file's digest was checked when the resume began.
-            if !self.read_failed {
-                log::error!(
-                    "guest memory server: cannot read guest pages from a memory file: {e}; serving zeros"
-                );
-                self.read_failed = true;
-            }
+            // The guest is stopped first; the pages cannot stay missing
+            // (whoever touched them would wait forever): zeros.
+            let reason =
+                format!("cannot read guest pages from a memory file (at offset {offset}): {e}");
+            log::error!("guest memory server: {reason}; the guest is stopped");
+            self.failure.report(reason);
             self.buf[..len].fill(0);
         }
         let mut done = 0;
@@ -525,7 +584,15 @@ pub(crate) mod tests {
                 offset: 0,
             },
         ];
-        let server = serve(uffd, vec![window], pieces, vec![layer, base], 1).unwrap();
+        let server = serve(
+            uffd,
+            vec![window],
+            pieces,
+            vec![layer, base],
+            1,
+            Arc::default(),
+        )
+        .unwrap();
         // Touched from several threads at once, out of order.
         let expected = |page: usize| match page {
             12..15 => 200 + (page - 12) as u8,

@@ -15,6 +15,7 @@ use super::devices::virtio::mmio::{
 };
 use super::devices::virtio::{IrqTrigger, VirtioDevice};
 use super::layout::{COM1_IRQ, IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_BASE};
+use super::lazy::LoadFailure;
 use super::state::{self, StateError, VcpuState, VmState};
 use super::vcpu::{GuestStop, VcpuShared, VcpuThread};
 use super::vm::{Vm, VmError};
@@ -101,6 +102,9 @@ pub struct RestoreConfig {
     pub console_log: PathBuf,
     /// Virtio devices, as at boot (same types, same order).
     pub devices: Vec<Box<dyn VirtioDevice>>,
+    /// Where the loading of memory on first access reports a page it
+    /// cannot read (see [`memory::map_layers`]): the guest stops then.
+    pub load_failure: Option<Arc<LoadFailure>>,
 }
 
 /// Everything of a paused machine except guest memory and disk contents:
@@ -312,7 +316,8 @@ impl Machine {
         Ok(self.vm.take_dirty_pages()?)
     }
 
-    /// Lets a machine stopped by [`pause`](Self::pause) run on.
+    /// Lets a machine stopped by [`pause`](Self::pause), or just restored,
+    /// run on.
     pub fn resume(&mut self) -> Result<(), MachineError> {
         if self.parked.is_empty() {
             return Ok(());
@@ -331,7 +336,9 @@ impl Machine {
         self.start_vcpus()
     }
 
-    /// Creates a machine from a saved state and starts its vCPUs.
+    /// Creates a machine from a saved state. Its devices run; its vCPUs
+    /// are parked until [`resume`](Self::resume), so that many machines can
+    /// be restored before any guest competes with the restores for the CPU.
     pub fn restore(config: RestoreConfig, saved: &MachineState) -> Result<Machine, MachineError> {
         let host = HostKind::detect();
         if host != saved.host {
@@ -389,17 +396,24 @@ impl Machine {
         // After the vCPUs: their TSC MSRs move the TSC, and kvmclock must be
         // set relative to the TSC the guest will see (Firecracker's order).
         state::restore_vm(vm.fd(), &saved.vm)?;
-        let mut machine = Machine {
+        let shared = VcpuShared::new(host, console.clone(), vm.memory().clone());
+        if let Some(failure) = &config.load_failure {
+            let shared = Arc::downgrade(&shared);
+            failure.on_failure(Box::new(move |reason| {
+                if let Some(shared) = shared.upgrade() {
+                    shared.guest_stopped(GuestStop::MemoryLost(reason.to_owned()));
+                }
+            }));
+        }
+        Ok(Machine {
             vcpus: Vec::new(),
             parked: fds,
-            shared: VcpuShared::new(host, console.clone(), vm.memory().clone()),
+            shared,
             bus: Arc::new(DeviceManager::new(serial, slots)),
             console,
             host,
             vm,
-        };
-        machine.start_vcpus()?;
-        Ok(machine)
+        })
     }
 
     fn configure_vcpu(

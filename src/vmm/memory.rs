@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{
@@ -373,6 +374,8 @@ pub enum Loading<'a> {
     Lazily {
         /// The base memory file.
         base: &'a File,
+        /// Where a page that cannot be read then is reported.
+        failure: &'a Arc<super::lazy::LoadFailure>,
     },
 }
 
@@ -476,13 +479,20 @@ pub fn map_layers(
             }
         }
     }
-    if let Loading::Lazily { base } = loading {
+    if let Loading::Lazily { base, failure } = loading {
         if let Some(uffd) = (!short.is_empty())
             .then(super::lazy::Userfaultfd::open)
             .flatten()
         {
             mapped_runs.sort_unstable_by_key(|r| r.start);
-            short = load_lazily(uffd, short, &mapped_runs, layers, base, &mut stats)?;
+            short = load_lazily(
+                uffd,
+                short,
+                &mapped_runs,
+                layers,
+                (base, failure),
+                &mut stats,
+            )?;
         }
     }
     copy_runs(&short, layers, &mut stats).map(|()| stats)
@@ -497,7 +507,7 @@ fn load_lazily(
     mut short: Vec<ShortRun>,
     mapped_runs: &[std::ops::Range<usize>],
     layers: &[Layer<'_>],
-    base: &File,
+    (base, failure): (&File, &Arc<super::lazy::LoadFailure>),
     stats: &mut LayerStats,
 ) -> io::Result<Vec<ShortRun>> {
     use super::lazy::{Piece, Window};
@@ -562,7 +572,7 @@ fn load_lazily(
         }
     }
     stats.windows = windows.len();
-    super::lazy::serve(uffd, windows, pieces, files, layers.len())?;
+    super::lazy::serve(uffd, windows, pieces, files, layers.len(), failure.clone())?;
     Ok(left)
 }
 
@@ -1198,7 +1208,15 @@ mod tests {
                 pages: &new_bits,
             },
         ];
-        let stats = map_layers(&back, &layers, Loading::Lazily { base: &base }).unwrap();
+        let stats = map_layers(
+            &back,
+            &layers,
+            Loading::Lazily {
+                base: &base,
+                failure: &Arc::default(),
+            },
+        )
+        .unwrap();
         assert_eq!(
             stats,
             LayerStats {
@@ -1234,5 +1252,64 @@ mod tests {
         new.read_exact_at(&mut on_disk, 2 * PAGE_SIZE as u64)
             .unwrap();
         assert_eq!(on_disk, [0xb0; 8]);
+    }
+
+    #[test]
+    fn a_page_that_cannot_be_read_is_reported_and_never_waited_for() {
+        if crate::vmm::lazy::tests::userfaultfd_or_skip("lazy layers").is_none() {
+            return;
+        }
+        let pages = 256;
+        let size = pages * PAGE_SIZE;
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let at = |page: usize| GuestAddress((page * PAGE_SIZE) as u64);
+        mem.write_slice(&[1u8; PAGE_SIZE], at(5)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let base = crate::fsutil::create_new_rw(&dir.path().join("base")).unwrap();
+        save_to_file(&mem, &base).unwrap();
+        let mut bits = vec![0u64; pages / 64];
+        mem.write_slice(&[2u8; PAGE_SIZE], at(5)).unwrap();
+        bits[0] |= 1 << 5;
+        let file = crate::fsutil::create_new_rw(&dir.path().join("layer")).unwrap();
+        save_layer(&mem, &file, &bits).unwrap();
+        // The layer file loses its data after the resume checked it.
+        file.set_len(0).unwrap();
+        let set = LayerPages::from_bitmap(&bits, pages, true);
+        let layers = [Layer {
+            file: &file,
+            pages: &set,
+        }];
+        let failure = Arc::new(super::super::lazy::LoadFailure::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        failure.on_failure(Box::new(move |reason| {
+            let _ = tx.send(reason.to_owned());
+        }));
+        let back = map_file(&base, size as u64).unwrap();
+        let stats = map_layers(
+            &back,
+            &layers,
+            Loading::Lazily {
+                base: &base,
+                failure: &failure,
+            },
+        )
+        .unwrap();
+        assert_eq!(stats.windows, 1);
+        // Whoever touches the page gets it (not the old data; zeros), and
+        // the watcher hears why.
+        let mut b = [9u8; PAGE_SIZE];
+        back.read_slice(&mut b, at(5)).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        let reason = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the failure is reported");
+        assert!(reason.contains("cannot read guest pages"), "{reason}");
+        assert_eq!(failure.reason(), Some(reason.clone()));
+        // A watcher that comes later hears it at once.
+        let (tx, rx) = std::sync::mpsc::channel();
+        failure.on_failure(Box::new(move |reason| {
+            let _ = tx.send(reason.to_owned());
+        }));
+        assert_eq!(rx.try_recv().unwrap(), reason);
     }
 }

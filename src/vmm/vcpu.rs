@@ -43,6 +43,10 @@ pub enum GuestStop {
         /// What happened.
         reason: String,
     },
+    /// Guest memory could not be loaded from the snapshot's files (see
+    /// [`super::lazy::LoadFailure`]): the guest was stopped before it could
+    /// run on, or be saved, with memory that is not what was paused.
+    MemoryLost(String),
 }
 
 impl std::fmt::Display for GuestStop {
@@ -59,6 +63,10 @@ impl std::fmt::Display for GuestStop {
                 "KVM internal error on vCPU {vcpu} (suberror {suberror}), instruction bytes {insn:02x?}"
             ),
             GuestStop::VcpuFault { vcpu, reason } => write!(f, "vCPU {vcpu} failed: {reason}"),
+            GuestStop::MemoryLost(reason) => write!(
+                f,
+                "guest memory could not be loaded from the snapshot ({reason}); the snapshot on disk is unchanged: check the disk it is on, then resume it again"
+            ),
         }
     }
 }
@@ -96,7 +104,7 @@ impl VcpuShared {
     }
 
     /// Records the first stop reason and stops every vCPU.
-    fn guest_stopped(&self, reason: GuestStop) {
+    pub(crate) fn guest_stopped(&self, reason: GuestStop) {
         self.reason
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
