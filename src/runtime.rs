@@ -780,10 +780,12 @@ fn current_info(dir: &Path) -> Option<SandboxInfo> {
 
 /// Starts `n` sandboxes from the snapshot in `dir`: makes every sandbox's
 /// directory, then restores every machine with its vCPUs parked, one after
-/// another, and only then starts the guests (all at once) and waits for
-/// their agents. So no restore competes for the CPU with a guest that
-/// already runs (on a PVM host a starting guest keeps a core busy). If one
-/// fails, the others are killed and its error returned.
+/// another, and only then starts the guests, as many at a time as the host
+/// has cores, each waited for until its agent answers. So no restore
+/// competes for the CPU with a guest that already runs, and the guests'
+/// starts do not crowd each other (on a PVM host, where a start is
+/// emulated guest kernel work, 16 at once on 2 cores took 8 s, 2 at a time
+/// 3.1-3.6 s). If one fails, the others are killed and its error returned.
 pub(crate) async fn start_many(
     rt: &Arc<RuntimeInner>,
     dir: PathBuf,
@@ -822,8 +824,20 @@ pub(crate) async fn start_many(
         crate::services::join_all(restored.into_iter().map(Restored::discard)).await;
         return Err(e);
     }
+    // Guests start a few at a time (one per host core): more at once only
+    // take turns on the cores, and slower (on a PVM host each start is
+    // emulated guest kernel work).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let turns = Arc::new(tokio::sync::Semaphore::new(cores));
+    let runs = restored.into_iter().map(|restored| {
+        let turns = turns.clone();
+        async move {
+            let _turn = turns.acquire().await;
+            restored.run(None).await
+        }
+    });
     let mut started = Vec::with_capacity(n);
-    for result in crate::services::join_all(restored.into_iter().map(|r| r.run(None))).await {
+    for result in crate::services::join_all(runs).await {
         match result {
             Ok(sandbox) => started.push(sandbox),
             Err(e) => {
