@@ -1,6 +1,6 @@
 //! Crash points for testing durability (cargo feature `fault-injection`,
 //! which the crate's own tests turn on; off in normal builds, where
-//! [`crash_point`] compiles to nothing).
+//! `crash_point` compiles to nothing).
 //!
 //! With the feature, a process whose `DORMOUSE_CRASH_AT` names a point
 //! kills itself with SIGKILL when it reaches that point: what is on disk at

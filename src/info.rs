@@ -154,8 +154,8 @@ impl ListQuery {
         self
     }
 
-    /// At most `limit` sandboxes per page (default [`DEFAULT_LIMIT`], at
-    /// most [`MAX_LIMIT`]).
+    /// At most `limit` sandboxes per page (default 100, at
+    /// most 1000).
     pub fn limit(mut self, limit: usize) -> Self {
         self.limit = Some(limit);
         self

@@ -236,9 +236,13 @@ pub struct StartTimings {
     /// Until the vCPUs run: snapshot files read and checked, memory
     /// mapped, disk opened, machine state restored. The VMM's part.
     pub restore: Duration,
-    /// From then until the guest agent answered (the guest handles the
-    /// vsock reset, sets its clock and takes fresh entropy). The guest's
-    /// part: slow where its kernel runs emulated (PVM).
+    /// From its vCPUs' start until the guest agent answered (the guest
+    /// handles the vsock reset, sets its clock and takes fresh entropy).
+    /// The guest's part: slow where its kernel runs emulated (PVM). The
+    /// sandboxes of a fork or of
+    /// [`Runtime::create_from_snapshot`](crate::Runtime::create_from_snapshot)
+    /// are all restored first and then started a few at a time: the wait
+    /// for a turn is in none of these parts.
     pub agent: Duration,
 }
 
