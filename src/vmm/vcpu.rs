@@ -65,7 +65,7 @@ impl std::fmt::Display for GuestStop {
             GuestStop::VcpuFault { vcpu, reason } => write!(f, "vCPU {vcpu} failed: {reason}"),
             GuestStop::MemoryLost(reason) => write!(
                 f,
-                "guest memory could not be loaded from the snapshot ({reason}); the snapshot on disk is unchanged: check the disk it is on, then resume it again"
+                "guest memory could not be loaded from the snapshot ({reason}), so the guest was stopped; check the disk the snapshot is on"
             ),
         }
     }
